@@ -1,0 +1,167 @@
+"""DataParallel: one model replica per rank, parameters and gradients in flat buffers, gradients
+combined across ranks in buckets (one MPI call per bucket, never one per parameter).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+
+import numpy as np
+
+from ..nn import Module
+from .comm import Communicator
+from .flat import FlatParameters
+
+STRATEGIES = ("reduce_scatter", "allreduce")
+DEFAULT_BUCKET_MB = 25.0
+
+
+class ModelMismatchError(RuntimeError):
+    """Ranks hold models with different parameter names, shapes or dtypes."""
+
+
+class DataParallel(Module):
+    """Wraps `model` for data-parallel training over `comm`. COLLECTIVE to construct.
+
+    At construction the parameters move into flat float32 buffers, every rank checks (one small
+    allreduce) that all ranks have the same parameter names, shapes and dtypes, and rank 0's
+    parameters and buffers are broadcast. `strategy` is "reduce_scatter" (each rank receives the
+    summed gradient of the chunks it owns: half an allreduce's traffic; needs a ShardedOptimizer) or
+    "allreduce" (every rank receives the whole summed gradient). `bucket_mb` bounds one collective.
+    """
+
+    def __init__(self, model, comm: Communicator, strategy: str = "reduce_scatter",
+                 bucket_mb: float = DEFAULT_BUCKET_MB):
+        if strategy not in STRATEGIES:
+            raise ValueError(f"strategy must be one of {STRATEGIES}, got {strategy!r}")
+        if not bucket_mb > 0:
+            raise ValueError(f"bucket_mb must be > 0, got {bucket_mb!r}")
+        self.module = model
+        self.comm = comm
+        self.strategy = strategy
+        named = list(_named_parameters(model))
+        check_same_model(comm, [(name, p.shape, str(p.dtype)) for name, p in named])
+        self.flat = FlatParameters(named, comm.size, int(bucket_mb * 2**20) // 4)
+        self.flat.data_parallel = self
+        self.layout = self.flat.layout
+        self.owned_ranges = self.layout.owned_ranges(comm.rank)
+        # the summed gradient of the chunks this rank owns, when strategy == "reduce_scatter"
+        self.shard_grads = np.zeros(self.layout.shard_size(), np.float32) if strategy == "reduce_scatter" else None
+        self.synced = False
+        self._sync_enabled = True
+        comm.broadcast(self.flat.flat_params, root=0)
+        if isinstance(model, Module):
+            for _, buffer in model.named_buffers():
+                if buffer.dtype == np.float32 and buffer.flags.c_contiguous:
+                    comm.broadcast(buffer, root=0)
+
+    # --- the model's face
+    def forward(self, *args, **kwargs):
+        return self.module(*args, **kwargs)
+
+    def named_parameters(self, prefix: str = ""):
+        for name, param in zip(self.flat.names, self.flat.params):
+            yield prefix + name, param
+
+    def parameters(self) -> list:
+        return list(self.flat.params)
+
+    def named_buffers(self, prefix: str = ""):
+        if isinstance(self.module, Module):
+            yield from self.module.named_buffers(prefix)
+
+    def train(self, mode: bool = True):
+        if isinstance(self.module, Module):
+            self.module.train(mode)
+        self.training = mode
+        return self
+
+    # --- gradient synchronisation
+    @contextlib.contextmanager
+    def no_sync(self):
+        """Micro-batches inside accumulate gradients locally: sync_gradients() is a no-op here."""
+        previous = self._sync_enabled
+        self._sync_enabled = False
+        try:
+            yield
+        finally:
+            self._sync_enabled = previous
+
+    def sync_gradients(self, grad_scale: float | None = None) -> None:
+        """COLLECTIVE. Combine this step's gradients across ranks.
+
+        Each rank first multiplies its gradients by `grad_scale` (default 1/size: the mean of equal
+        shares; pass local_count/global_count for uneven shares, or 1.0 when the backward seed already
+        carried that weight). "allreduce": `flat.flat_grads` then holds the sum on every rank.
+        "reduce_scatter": `shard_grads` holds the sum of this rank's owned chunks.
+        """
+        if not self._sync_enabled:
+            return
+        self.flat.fill_missing_grads()
+        scale = 1.0 / self.comm.size if grad_scale is None else float(grad_scale)
+        flat_grads = self.flat.flat_grads
+        if scale != 1.0:
+            flat_grads *= np.float32(scale)
+        if self.strategy == "allreduce":
+            for lo, hi in self.layout.buckets:
+                self.comm.allreduce(flat_grads[lo:hi])
+        else:
+            offset = 0
+            for lo, hi in self.layout.buckets:
+                chunk = (hi - lo) // self.comm.size
+                self.comm.reduce_scatter(flat_grads[lo:hi], self.shard_grads[offset:offset + chunk])
+                offset += chunk
+        self.synced = True
+
+    def owned_grads(self) -> list:
+        """Views of the combined gradient of each owned range (valid after sync_gradients)."""
+        if self.strategy == "allreduce":
+            return [self.flat.flat_grads[lo:hi] for lo, hi in self.owned_ranges]
+        views, offset = [], 0
+        for lo, hi in self.owned_ranges:
+            views.append(self.shard_grads[offset:offset + hi - lo])
+            offset += hi - lo
+        return views
+
+    def gather_parameters(self) -> None:
+        """COLLECTIVE. Every rank receives every rank's owned chunks into the flat parameter buffer."""
+        for lo, hi in self.layout.buckets:
+            self.comm.allgather(self.flat.flat_params[lo:hi])
+
+
+def _named_parameters(model):
+    if isinstance(model, Module):
+        return model.named_parameters()
+    return ((param.name or f"param{i}", param) for i, param in enumerate(model))
+
+
+def check_same_model(comm: Communicator, signature: list) -> None:
+    """COLLECTIVE. Raise ModelMismatchError on every rank unless all ranks pass the same
+    [(name, shape, dtype), ...]; the message names the first differing parameter on both sides."""
+    text = ";".join(f"{name}:{tuple(shape)}:{dtype}" for name, shape, dtype in signature)
+    digest = int.from_bytes(hashlib.sha256(text.encode()).digest()[:6], "little")
+    bounds = np.array([digest, -digest], dtype=np.float64)  # 48 bits: exact in float64
+    comm.allreduce(bounds, "max")
+    if bounds[0] == digest and bounds[1] == -digest:
+        return
+    everyone = comm.allgather_object(signature)  # error path only
+    reference = everyone[0]
+    for rank, theirs in enumerate(everyone):
+        if theirs == reference:
+            continue
+        for i in range(max(len(reference), len(theirs))):
+            ours_i = reference[i] if i < len(reference) else None
+            theirs_i = theirs[i] if i < len(theirs) else None
+            if ours_i != theirs_i:
+                raise ModelMismatchError(
+                    f"the model differs across ranks at parameter #{i}: rank 0 has {_describe(ours_i)}, "
+                    f"rank {rank} has {_describe(theirs_i)}")
+    raise ModelMismatchError("the model differs across ranks")
+
+
+def _describe(entry) -> str:
+    if entry is None:
+        return "no parameter there"
+    name, shape, dtype = entry
+    return f"'{name}' shape {tuple(shape)} dtype {dtype}"

@@ -1,0 +1,379 @@
+"""Modules, parameters, layers, losses and initialisation.
+
+A `Module` finds its parameters and submodules by looking at its attributes (in the order they were
+assigned, so `parameters()` is the same on every rank). Layers draw their initial values from a
+`numpy.random.Generator`: the `rng=` argument, or the library-wide one that `manual_seed(s)` resets.
+"""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+
+from . import ops
+from .tensor import DEFAULT_FLOAT, Tensor, no_grad
+
+_default_rng = np.random.default_rng(0)
+
+
+def manual_seed(seed: int) -> np.random.Generator:
+    """Reset the library-wide generator that layers draw from when given no `rng=`; returns it."""
+    global _default_rng
+    if not isinstance(seed, (int, np.integer)) or seed < 0:
+        raise ValueError(f"seed must be a non-negative integer, got {seed!r}")
+    _default_rng = np.random.default_rng(int(seed))
+    return _default_rng
+
+
+def default_rng() -> np.random.Generator:
+    """The library-wide generator (see `manual_seed`)."""
+    return _default_rng
+
+
+class Parameter(Tensor):
+    """A leaf Tensor that a Module trains: float32 by default, requires_grad=True."""
+
+    __slots__ = ()
+
+    def __init__(self, data, dtype=None):
+        super().__init__(data, requires_grad=True, dtype=dtype or DEFAULT_FLOAT)
+
+
+# --------------------------------------------------------------------------------------------- Module
+class Module:
+    """Base class of layers and models: subclasses set attributes in `__init__` and define `forward`.
+
+    Parameters, submodules and lists/tuples of submodules held as attributes are discovered in
+    assignment order. Buffers (non-trained state such as BatchNorm statistics) are the attributes
+    named in `buffer_names`.
+    """
+
+    training = True
+    buffer_names: tuple = ()
+
+    def __call__(self, *args, **kwargs):
+        return self.forward(*args, **kwargs)
+
+    def forward(self, *args, **kwargs):
+        raise NotImplementedError(f"{type(self).__name__} must define forward()")
+
+    # --- discovery
+    def named_children(self):
+        """(name, module) for every direct submodule, in attribute order."""
+        for name, value in vars(self).items():
+            if isinstance(value, Module):
+                yield name, value
+            elif isinstance(value, (list, tuple)):
+                for i, item in enumerate(value):
+                    if isinstance(item, Module):
+                        yield f"{name}.{i}", item
+
+    def modules(self):
+        """This module and every module below it, depth first."""
+        yield self
+        for _, child in self.named_children():
+            yield from child.modules()
+
+    def named_parameters(self, prefix: str = ""):
+        """(dotted name, Parameter) for every parameter, each once, in a deterministic order."""
+        seen = set()
+        for name, param in self._named_parameters(prefix):
+            if id(param) not in seen:
+                seen.add(id(param))
+                yield name, param
+
+    def _named_parameters(self, prefix):
+        for name, value in vars(self).items():
+            if isinstance(value, Parameter):
+                yield prefix + name, value
+        for name, child in self.named_children():
+            yield from child._named_parameters(f"{prefix}{name}.")
+
+    def parameters(self) -> list:
+        """Every Parameter, in the order of `named_parameters()`."""
+        return [param for _, param in self.named_parameters()]
+
+    def named_buffers(self, prefix: str = ""):
+        for name in self.buffer_names:
+            yield prefix + name, getattr(self, name)
+        for name, child in self.named_children():
+            yield from child.named_buffers(f"{prefix}{name}.")
+
+    # --- modes
+    def train(self, mode: bool = True) -> "Module":
+        for module in self.modules():
+            module.training = mode
+        return self
+
+    def eval(self) -> "Module":
+        return self.train(False)
+
+    def zero_grad(self) -> None:
+        for param in self.parameters():
+            param.grad = None
+
+    # --- state
+    def state_dict(self) -> dict:
+        """{name: array copy} of every parameter and buffer."""
+        state = {name: param.data.copy() for name, param in self.named_parameters()}
+        state.update({name: np.array(buffer, copy=True) for name, buffer in self.named_buffers()})
+        return state
+
+    def load_state_dict(self, state: dict, strict: bool = True) -> None:
+        """Copy `state` into the parameters and buffers in place (flat-buffer views stay valid).
+
+        With strict=True, missing, unexpected or mis-shaped keys raise one ValueError listing them all.
+        """
+        targets = dict(self.named_parameters())
+        buffers = dict(self.named_buffers())
+        expected = {name: t.data for name, t in targets.items()}
+        expected.update(buffers)
+        missing = [name for name in expected if name not in state]
+        unexpected = [name for name in state if name not in expected]
+        misshaped = [f"{name}: checkpoint {tuple(np.shape(state[name]))} vs model {expected[name].shape}"
+                     for name in expected if name in state and tuple(np.shape(state[name])) != expected[name].shape]
+        if misshaped or (strict and (missing or unexpected)):
+            problems = []
+            if missing:
+                problems.append(f"missing keys {missing}")
+            if unexpected:
+                problems.append(f"unexpected keys {unexpected}")
+            if misshaped:
+                problems.append(f"mis-shaped keys [{'; '.join(misshaped)}]")
+            raise ValueError(f"load_state_dict for {type(self).__name__}: " + ", ".join(problems))
+        for name, array in expected.items():
+            if name in state:
+                np.copyto(array, np.asarray(state[name]), casting="same_kind")
+
+
+# ---------------------------------------------------------------------------------------------- init
+def kaiming_uniform(shape: tuple, fan_in: int, rng: np.random.Generator | None = None) -> np.ndarray:
+    """U(-b, b) with b = sqrt(6 / fan_in): He initialisation for ReLU networks, float32."""
+    bound = math.sqrt(6.0 / fan_in)
+    return (rng or _default_rng).uniform(-bound, bound, size=shape).astype(DEFAULT_FLOAT)
+
+
+# -------------------------------------------------------------------------------------------- layers
+class Linear(Module):
+    """y = x @ weight.T + bias; x (batch, in_features) -> (batch, out_features). weight is (out, in)."""
+
+    def __init__(self, in_features: int, out_features: int, bias: bool = True, rng=None):
+        _check_positive(in_features=in_features, out_features=out_features)
+        self.weight = Parameter(kaiming_uniform((out_features, in_features), in_features, rng))
+        self.bias = Parameter(np.zeros(out_features, DEFAULT_FLOAT)) if bias else None
+
+    def forward(self, x):
+        return ops.linear(x, self.weight, self.bias)
+
+
+class ReLU(Module):
+    """max(x, 0) elementwise."""
+
+    def forward(self, x):
+        return ops.relu(x)
+
+
+class Tanh(Module):
+    """tanh elementwise."""
+
+    def forward(self, x):
+        return ops.tanh(x)
+
+
+class Sigmoid(Module):
+    """1 / (1 + exp(-x)) elementwise."""
+
+    def forward(self, x):
+        return ops.sigmoid(x)
+
+
+class GELU(Module):
+    """GELU (tanh approximation) elementwise."""
+
+    def forward(self, x):
+        return ops.gelu(x)
+
+
+class Sequential(Module):
+    """Applies its modules in order; their parameters are named by position ("0.weight", ...)."""
+
+    def __init__(self, *layers: Module):
+        for i, layer in enumerate(layers):
+            if not isinstance(layer, Module):
+                raise TypeError(f"Sequential: item {i} is a {type(layer).__name__}, not a Module")
+        self.layers = list(layers)
+
+    def named_children(self):
+        for i, layer in enumerate(self.layers):
+            yield str(i), layer
+
+    def __getitem__(self, index):
+        return self.layers[index]
+
+    def __len__(self):
+        return len(self.layers)
+
+    def forward(self, x):
+        for layer in self.layers:
+            x = layer(x)
+        return x
+
+
+class Residual(Module):
+    """x + module(x); the module must keep the shape."""
+
+    def __init__(self, module: Module):
+        self.module = module
+
+    def forward(self, x):
+        return x + self.module(x)
+
+
+class Flatten(Module):
+    """(N, d1, d2, ...) -> (N, d1 * d2 * ...)."""
+
+    def forward(self, x):
+        return ops.reshape(x, (x.shape[0], -1))
+
+
+class Dropout(Module):
+    """Zeroes each element with probability p in training (scaling the rest by 1/(1-p)); identity in eval."""
+
+    def __init__(self, p: float = 0.5, rng=None):
+        if not 0.0 <= p < 1.0:
+            raise ValueError(f"Dropout: p must be in [0, 1), got {p}")
+        self.p = float(p)
+        self.rng = rng
+
+    def forward(self, x):
+        if not self.training or self.p == 0.0:
+            return x
+        keep = (self.rng or _default_rng).random(x.shape, dtype=np.float32) >= self.p
+        return ops.mul(x, keep * x.dtype.type(1.0 / (1.0 - self.p)))
+
+
+class LayerNorm1d(Module):
+    """Normalises the last axis to zero mean, unit variance, then scales and shifts (both learned)."""
+
+    def __init__(self, dim: int, eps: float = 1e-5):
+        _check_positive(dim=dim)
+        self.eps = float(eps)
+        self.weight = Parameter(np.ones(dim, DEFAULT_FLOAT))
+        self.bias = Parameter(np.zeros(dim, DEFAULT_FLOAT))
+
+    def forward(self, x):
+        if x.shape[-1] != self.weight.shape[0]:
+            raise ValueError(f"LayerNorm1d: input shape {x.shape} does not end in {self.weight.shape[0]}")
+        centred = x - ops.mean(x, axis=-1, keepdims=True)
+        variance = ops.mean(centred * centred, axis=-1, keepdims=True)
+        return centred / ops.sqrt(variance + self.eps) * self.weight + self.bias
+
+
+class BatchNorm1d(Module):
+    """Normalises each feature over the batch (training) or by running statistics (eval).
+
+    Input (batch, dim). In data-parallel training the batch statistics are those of this rank's part of
+    the batch, as in PyTorch's BatchNorm without SyncBatchNorm.
+    """
+
+    buffer_names = ("running_mean", "running_var")
+
+    def __init__(self, dim: int, eps: float = 1e-5, momentum: float = 0.1):
+        _check_positive(dim=dim)
+        self.eps, self.momentum = float(eps), float(momentum)
+        self.weight = Parameter(np.ones(dim, DEFAULT_FLOAT))
+        self.bias = Parameter(np.zeros(dim, DEFAULT_FLOAT))
+        self.running_mean = np.zeros(dim, DEFAULT_FLOAT)
+        self.running_var = np.ones(dim, DEFAULT_FLOAT)
+
+    def forward(self, x):
+        if x.ndim != 2 or x.shape[1] != self.weight.shape[0]:
+            raise ValueError(f"BatchNorm1d: input shape {x.shape}, expected (batch, {self.weight.shape[0]})")
+        if self.training:
+            batch_mean = ops.mean(x, axis=0, keepdims=True)
+            centred = x - batch_mean
+            variance = ops.mean(centred * centred, axis=0, keepdims=True)
+            n = x.shape[0]
+            with no_grad():
+                m = np.float32(self.momentum)
+                self.running_mean *= 1 - m
+                self.running_mean += m * batch_mean.data[0]
+                self.running_var *= 1 - m
+                self.running_var += m * variance.data[0] * np.float32(n / max(n - 1, 1))
+        else:
+            centred = x - Tensor(self.running_mean)
+            variance = Tensor(self.running_var)
+        return centred / ops.sqrt(variance + self.eps) * self.weight + self.bias
+
+
+class Conv2d(Module):
+    """2-D convolution: (N, in_channels, H, W) -> (N, out_channels, OH, OW)."""
+
+    def __init__(self, in_channels: int, out_channels: int, kernel_size, stride=1, padding=0,
+                 bias: bool = True, rng=None):
+        _check_positive(in_channels=in_channels, out_channels=out_channels)
+        kh, kw = ops._pair_arg(kernel_size, "kernel_size")
+        fan_in = in_channels * kh * kw
+        self.weight = Parameter(kaiming_uniform((out_channels, in_channels, kh, kw), fan_in, rng))
+        self.bias = Parameter(np.zeros(out_channels, DEFAULT_FLOAT)) if bias else None
+        self.stride, self.padding = stride, padding
+
+    def forward(self, x):
+        return ops.conv2d(x, self.weight, self.bias, self.stride, self.padding)
+
+
+class MaxPool2d(Module):
+    """Max over kernel_size windows, stride defaulting to the kernel size."""
+
+    def __init__(self, kernel_size=2, stride=None):
+        self.kernel_size, self.stride = kernel_size, stride
+
+    def forward(self, x):
+        return ops.max_pool2d(x, self.kernel_size, self.stride)
+
+
+class Embedding(Module):
+    """Rows of a (num_embeddings, dim) table picked by integer indices of any shape."""
+
+    def __init__(self, num_embeddings: int, dim: int, rng=None):
+        _check_positive(num_embeddings=num_embeddings, dim=dim)
+        self.weight = Parameter((rng or _default_rng).standard_normal((num_embeddings, dim), dtype=np.float32))
+
+    def forward(self, indices):
+        indices = np.asarray(indices.data if isinstance(indices, Tensor) else indices)
+        if indices.dtype.kind not in "iu":
+            raise ValueError(f"Embedding: indices must be integers, got dtype {indices.dtype}")
+        if indices.size and (indices.min() < 0 or indices.max() >= self.weight.shape[0]):
+            raise ValueError(f"Embedding: index out of range 0..{self.weight.shape[0] - 1}")
+        return ops.getitem(self.weight, indices)
+
+
+# -------------------------------------------------------------------------------------------- losses
+class SoftmaxLoss(Module):
+    """Softmax cross-entropy of logits (batch, classes) against integer labels, mean over the batch."""
+
+    def __init__(self, reduction: str = "mean"):
+        self.reduction = reduction
+
+    def forward(self, logits, labels):
+        return ops.cross_entropy(logits, labels, self.reduction)
+
+
+CrossEntropyLoss = SoftmaxLoss
+
+
+class MSELoss(Module):
+    """Mean squared error between a prediction and a target of the same shape."""
+
+    def __init__(self, reduction: str = "mean"):
+        self.reduction = reduction
+
+    def forward(self, prediction, target):
+        return ops.mse_loss(prediction, target, self.reduction)
+
+
+def _check_positive(**sizes) -> None:
+    for name, value in sizes.items():
+        if not isinstance(value, (int, np.integer)) or value <= 0:
+            raise ValueError(f"{name} must be a positive integer, got {value!r}")
