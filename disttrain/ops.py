@@ -161,11 +161,8 @@ def matmul(a, b) -> Tensor:
     def backward(g):
         a2 = a.data if a.ndim > 1 else a.data[None, :]
         b2 = b.data if b.ndim > 1 else b.data[:, None]
-        g2 = g
-        if a.ndim == 1:
-            g2 = np.expand_dims(g2, -2)
-        if b.ndim == 1:
-            g2 = np.expand_dims(g2, -1)
+        # put back the unit axes numpy dropped for 1-D operands (g may be 0-d for vector @ vector)
+        g2 = g.reshape(np.broadcast_shapes(a2.shape[:-2], b2.shape[:-2]) + (a2.shape[-2], b2.shape[-1]))
         ga = unbroadcast(g2 @ np.swapaxes(b2, -1, -2), a2.shape).reshape(a.shape) if a.requires_grad else None
         gb = unbroadcast(np.swapaxes(a2, -1, -2) @ g2, b2.shape).reshape(b.shape) if b.requires_grad else None
         return ga, gb
@@ -179,6 +176,7 @@ def linear(x: Tensor, weight: Tensor, bias: Tensor | None = None) -> Tensor:
                          f"(expected (batch, {weight.shape[1] if weight.ndim == 2 else '?'}))")
     if x.dtype != weight.dtype:
         raise TypeError(f"linear: input dtype {x.dtype} differs from weight dtype {weight.dtype}")
+    _check_bias("linear", weight, bias)
     data = x.data @ weight.data.T
     if bias is not None:
         data += bias.data
@@ -190,6 +188,16 @@ def linear(x: Tensor, weight: Tensor, bias: Tensor | None = None) -> Tensor:
         return gx, gw, gb
     parents = (x, weight) if bias is None else (x, weight, bias)
     return _result(data, parents, backward)
+
+
+def _check_bias(op: str, weight: Tensor, bias: Tensor | None) -> None:
+    if bias is None:
+        return
+    if bias.shape != (weight.shape[0],):
+        raise ValueError(f"{op}: bias shape {bias.shape} does not fit weight shape {weight.shape} "
+                         f"(expected ({weight.shape[0]},))")
+    if bias.dtype != weight.dtype:
+        raise TypeError(f"{op}: bias dtype {bias.dtype} differs from weight dtype {weight.dtype}")
 
 
 # ---------------------------------------------------------------------------------------- reductions
@@ -225,8 +233,10 @@ def mean(a: Tensor, axis=None, keepdims: bool = False) -> Tensor:
         count *= a.shape[ax]
     if count == 0:
         raise ValueError(f"mean over an empty axis of a tensor with shape {a.shape}")
-    scale = a.dtype.type(1.0 / count)
-    data = np.asarray(np.sum(a.data, axis=axes, keepdims=keepdims) * scale)
+    # integer tensors (never part of the graph) average in float32, not in their own truncating type
+    source = a.data if a.dtype.kind == "f" else a.data.astype(_tensor.DEFAULT_FLOAT)
+    scale = source.dtype.type(1.0 / count)
+    data = np.asarray(np.sum(source, axis=axes, keepdims=keepdims) * scale)
 
     def backward(g):
         return (np.broadcast_to(_expand_reduced(g * scale, a.shape, axes, keepdims), a.shape),)
@@ -312,8 +322,21 @@ def getitem(a: Tensor, key) -> Tensor:
     return _result(np.asarray(data), (a,), backward)
 
 
+def _same_dtype(tensors, op: str) -> list:
+    """The items as Tensors of one dtype: numbers, arrays and integer items adopt the float dtype."""
+    like = next((t for t in tensors if isinstance(t, Tensor) and t.dtype.kind == "f"), None)
+    tensors = [_tensor_of(t, like) for t in tensors]
+    floats = sorted({str(t.dtype) for t in tensors if t.dtype.kind == "f"})
+    if len(floats) > 1:
+        raise TypeError(f"{op}: dtypes {floats} differ; convert one explicitly "
+                        f"(disttrain never upcasts to float64 silently)")
+    if floats:  # integer items adopt the float dtype, as in binary ops
+        tensors = [t if str(t.dtype) == floats[0] else Tensor(t.data, dtype=floats[0]) for t in tensors]
+    return tensors
+
+
 def concatenate(tensors, axis: int = 0) -> Tensor:
-    tensors = [_tensor_of(t) for t in tensors]
+    tensors = _same_dtype(list(tensors), "concatenate")
     if not tensors:
         raise ValueError("concatenate needs at least one tensor")
     try:
@@ -328,7 +351,7 @@ def concatenate(tensors, axis: int = 0) -> Tensor:
 
 
 def stack(tensors, axis: int = 0) -> Tensor:
-    tensors = [_tensor_of(t) for t in tensors]
+    tensors = _same_dtype(list(tensors), "stack")
     if not tensors:
         raise ValueError("stack needs at least one tensor")
     try:
@@ -414,7 +437,11 @@ def where(condition, a, b) -> Tensor:
     """Elementwise choice: a where `condition` (a boolean array) is true, else b."""
     a, b = _pair(a, b, "where")
     cond = np.asarray(condition.data if isinstance(condition, Tensor) else condition, dtype=bool)
-    data = np.where(cond, a.data, b.data)
+    try:
+        data = np.where(cond, a.data, b.data)
+    except ValueError:
+        raise ValueError(f"where: condition shape {cond.shape} and shapes {a.shape} and {b.shape} "
+                         f"cannot be broadcast together") from None
 
     def backward(g):
         ga = unbroadcast(np.where(cond, g, 0), a.shape) if a.requires_grad else None
@@ -436,6 +463,9 @@ def conv2d(x: Tensor, weight: Tensor, bias: Tensor | None = None, stride=1, padd
     if x.ndim != 4 or weight.ndim != 4 or x.shape[1] != weight.shape[1]:
         raise ValueError(f"conv2d: input shape {x.shape} does not fit weight shape {weight.shape} "
                          f"(expected input (N, {weight.shape[1] if weight.ndim == 4 else 'C'}, H, W))")
+    if x.dtype != weight.dtype:
+        raise TypeError(f"conv2d: input dtype {x.dtype} differs from weight dtype {weight.dtype}")
+    _check_bias("conv2d", weight, bias)
     sh, sw = _pair_arg(stride, "stride")
     ph, pw = _pair_arg(padding, "padding")
     n, c, h, w = x.shape

@@ -105,8 +105,8 @@ class Tensor:
         return self.data.item()
 
     def detach(self) -> "Tensor":
-        """A tensor sharing this data but cut from the graph."""
-        return Tensor(self.data)
+        """A tensor sharing this data (same array, same dtype) but cut from the graph."""
+        return Tensor(self.data, dtype=self.data.dtype)
 
     def __repr__(self) -> str:
         flag = ", requires_grad=True" if self.requires_grad else ""
