@@ -14,23 +14,38 @@ import numpy as np
 class ArrayDataset:
     """Features (n, ...) and labels (n, ...) held as numpy arrays or memory maps.
 
-    Indexing with an array of sample indices returns (features float32, labels) for those rows only:
-    a memory-mapped file is read only where it is indexed.
+    Indexing with an array of sample indices returns (features as float32, times `scale` if given,
+    labels) for those rows only: a memory-mapped file is read only where it is indexed. `rows`, if
+    given, maps this dataset's indices to rows of the arrays (a train or test split without copying).
     """
 
-    def __init__(self, features, labels, name: str = "dataset"):
+    def __init__(self, features, labels, name: str = "dataset", scale: float | None = None, rows=None):
         if len(features) != len(labels):
             raise ValueError(f"{name}: features have {len(features)} rows but labels have {len(labels)}")
-        self.features, self.labels, self.name = features, labels, name
+        self.features, self.labels, self.name, self.scale = features, labels, name, scale
+        self.rows = None if rows is None else np.asarray(rows, dtype=np.int64)
 
     def __len__(self) -> int:
-        return len(self.features)
+        return len(self.features) if self.rows is None else len(self.rows)
 
     def __getitem__(self, indices):
+        if self.rows is not None:
+            indices = self.rows[indices]
         x = np.asarray(self.features[indices])
         if x.dtype != np.float32:
             x = x.astype(np.float32)
+        if self.scale is not None:
+            x = x * np.float32(self.scale)  # never in place: x may be a view of the dataset
         return x, np.asarray(self.labels[indices])
+
+    def subset(self, indices, name: str | None = None) -> "ArrayDataset":
+        """The samples at `indices` of this dataset, sharing its arrays."""
+        rows = np.asarray(indices, dtype=np.int64) if self.rows is None else self.rows[indices]
+        return ArrayDataset(self.features, self.labels, name or self.name, self.scale, rows)
+
+    @property
+    def sample_shape(self) -> tuple:
+        return tuple(self.features.shape[1:])
 
 
 def split_evenly(count: int, parts: int, part: int) -> tuple:

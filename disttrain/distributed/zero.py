@@ -5,6 +5,7 @@ parameter buffer this rank owns; the full parameters are then shared again with 
 from __future__ import annotations
 
 import math
+import time
 
 import numpy as np
 
@@ -48,6 +49,7 @@ class ShardedOptimizer:
         self.ranges = ranges
         self.shard_params = [Tensor(flat.flat_params[lo:hi], requires_grad=True) for lo, hi in ranges]
         self.optimizer = optimizer_class(self.shard_params, **hyperparameters)
+        self.last_update_seconds = self.last_gather_seconds = 0.0
 
     # --- what schedulers and trainers read
     @property
@@ -98,9 +100,12 @@ class ShardedOptimizer:
         self.sync()
         for tensor, grad in zip(self.shard_params, self._grads()):
             tensor.grad = grad
+        started = time.perf_counter()
         self.optimizer.step()
+        updated = time.perf_counter()
         if self.shard and self.comm.size > 1:
             self.ddp.gather_parameters()
+        self.last_update_seconds, self.last_gather_seconds = updated - started, time.perf_counter() - updated
         self.ddp.synced = False
 
     def reset_grad(self) -> None:

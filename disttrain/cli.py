@@ -1,0 +1,294 @@
+"""The `disttrain` command: train, eval, plot, export, info, config, bench.
+
+Every command runs the same way plainly (one process) or under `mpiexec -n N` / `srun`: MPI is
+initialised inside the command, never at import. Errors a user can cause are printed once (by rank 0)
+as `disttrain: error: ...` with exit code 1 (2 for command-line usage); no rank is left waiting.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+
+EPILOG = """examples:
+  disttrain train examples/digits_mlp.toml                      one process
+  mpiexec -n 4 disttrain train examples/digits_mlp.toml         4 ranks (the venv's MPICH)
+  srun --mpi=pmi2 -n 4 disttrain train examples/digits_mlp.toml SLURM
+  disttrain train CONFIG --set training.epochs=5 --set optimizer.lr=0.003
+  disttrain train CONFIG --resume                               continue from the latest checkpoint
+  disttrain eval runs/digits-mlp                                test metrics of the latest checkpoint
+  disttrain plot runs/digits-mlp                                PNG of loss/accuracy against steps
+  disttrain export runs/digits-mlp model.npz                    parameters as a plain .npz
+  disttrain config                                              every config key, default and rule
+"""
+
+
+def main(argv=None) -> int:
+    """Entry point of the `disttrain` console script and `python -m disttrain`."""
+    parser = _parser()
+    args = parser.parse_args(argv)
+    if args.command is None:
+        parser.print_help()
+        return 2
+    return args.run(args)
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="disttrain", formatter_class=argparse.RawDescriptionHelpFormatter, epilog=EPILOG,
+        description="Data-parallel training on CPUs: numpy autograd, MPI, ZeRO-1 sharded optimizers.")
+    commands = parser.add_subparsers(dest="command", metavar="COMMAND")
+
+    train = commands.add_parser("train", help="train a model described by a TOML config",
+                                formatter_class=argparse.RawDescriptionHelpFormatter, epilog=EPILOG)
+    train.add_argument("config", help="TOML file with [model], [data], [optimizer], [training], [checkpoint]")
+    train.add_argument("--set", action="append", default=[], metavar="SECTION.KEY=VALUE",
+                       help="override one config key (repeatable), e.g. --set training.epochs=5")
+    train.add_argument("--resume", nargs="?", const=True, default=None, metavar="PATH",
+                       help="continue from the latest good checkpoint of the run (or from PATH)")
+    train.add_argument("--run-dir", help="where metrics.jsonl and checkpoints go (training.run_dir)")
+    train.set_defaults(run=_train)
+
+    evaluate = commands.add_parser("eval", help="evaluate the latest (or a given) checkpoint on the test set")
+    evaluate.add_argument("path", help="run directory, checkpoint directory, or one step-XXXXXXXX checkpoint")
+    evaluate.add_argument("--set", action="append", default=[], metavar="SECTION.KEY=VALUE",
+                          help="override a key of the config recorded in the checkpoint")
+    evaluate.set_defaults(run=_eval)
+
+    plot = commands.add_parser("plot", help="PNG of training/test loss and accuracy (needs matplotlib)")
+    plot.add_argument("path", help="run directory (metrics.jsonl) or a benchmark JSON file")
+    plot.add_argument("-o", "--output", help="PNG path (default: next to the input)")
+    plot.set_defaults(run=_plot)
+
+    export = commands.add_parser("export", help="write the latest checkpoint's parameters as a plain .npz")
+    export.add_argument("path", help="run directory, checkpoint directory, or one checkpoint")
+    export.add_argument("output", help="output .npz")
+    export.add_argument("--optimizer", action="store_true", help="also write the full optimizer state")
+    export.set_defaults(run=_export)
+
+    info = commands.add_parser("info", help="versions, MPI library, world size, nodes, BLAS and threads")
+    info.set_defaults(run=_info)
+
+    show = commands.add_parser("config", help="print every config key with its default and allowed values")
+    show.set_defaults(run=lambda args: _print_schema())
+
+    bench = commands.add_parser("bench", help="throughput benchmark against hand-written numpy and PyTorch",
+                                add_help=False)
+    bench.add_argument("rest", nargs=argparse.REMAINDER)
+    bench.set_defaults(run=_bench)
+    return parser
+
+
+# ------------------------------------------------------------------------------------------ errors
+def _agreed_errors() -> tuple:
+    """Errors raised identically on every rank: from the same config and data, or agreed collectively."""
+    from .checkpoint import CheckpointError
+    from .config import ConfigError
+    from .datasets import DataError
+    from .distributed import LaunchError, ModelMismatchError
+    from .trainer import TrainingError
+
+    return (ConfigError, DataError, CheckpointError, TrainingError, ModelMismatchError, LaunchError)
+
+
+def _fail(comm, error: Exception, agreed: bool = True) -> int:
+    """Report a user-caused error and end every rank (the others may be inside a collective).
+
+    An agreed error is printed once, by rank 0; any other by the rank that raised it, with its rank.
+    """
+    if comm is None or comm.size == 1 or (agreed and comm.rank == 0):
+        print(f"disttrain: error: {error}", file=sys.stderr, flush=True)
+    elif not agreed:
+        comm.error(f"disttrain: error: {error}")
+    if comm is not None and comm.size > 1:
+        comm.abort(1)
+    return 1
+
+
+def _guarded(command):
+    """Run command(comm) with user errors turned into a clean message and exit code 1."""
+    comm = None
+    try:
+        from .distributed import init
+
+        comm = init()
+        return command(comm)
+    except _agreed_errors() as error:
+        return _fail(comm, error)
+    except ValueError as error:  # bad input found on this rank alone, perhaps
+        return _fail(comm, error, agreed=False)
+
+
+# ------------------------------------------------------------------------------------------ train
+def build_run(config: dict, comm):
+    """(model, train, test, loss_fn, task) for a validated config; checks the model accepts the data."""
+    from . import models, nn
+    from .datasets import load_data
+
+    train, test, info = load_data(config["data"])
+    nn.manual_seed(config["training"]["seed"])  # the same initial model on every rank
+    model = models.build_model(config["model"], info["input_shape"], info["classes"])
+    loss_fn = nn.SoftmaxLoss() if info["task"] == "classification" else nn.MSELoss()
+    check_model_fits(model, train, info)
+    return model, train, test, loss_fn, info
+
+
+def check_model_fits(model, dataset, info: dict) -> None:
+    """Raise ValueError unless `model` accepts two samples of `dataset` and outputs info["classes"] values."""
+    from .tensor import Tensor, no_grad
+
+    import numpy as np
+
+    x, _ = dataset[np.arange(min(2, len(dataset)))]
+    was_training = model.training
+    model.eval()
+    try:
+        with no_grad():
+            output = model(Tensor(x))
+    except (ValueError, TypeError, IndexError) as error:
+        raise ValueError(f"the model does not accept the data (samples of shape {tuple(x.shape[1:])}): {error}") from None
+    finally:
+        model.train(was_training)
+    expected = (len(x), info["classes"])
+    if info["task"] == "classification" and (output.ndim != 2 or output.shape[1] < info["classes"]):
+        raise ValueError(f"the model outputs shape {output.shape} but the labels need {info['classes']} classes "
+                         f"(labels go up to {info['classes'] - 1}); expected (batch, {info['classes']})")
+    if info["task"] == "regression" and output.shape != expected and output.shape != (len(x),):
+        raise ValueError(f"the model outputs shape {output.shape}, the targets need {expected}")
+
+
+def _train(args) -> int:
+    from .config import load_config
+    from .trainer import Trainer
+
+    overrides = list(args.set) + ([f"training.run_dir={json.dumps(args.run_dir)}"] if args.run_dir else [])
+
+    def command(comm):
+        config = load_config(args.config, overrides)
+        model, train, test, loss_fn, info = build_run(config, comm)
+        if comm.rank == 0:
+            print(f"disttrain: {config['model']['name']} on {info['description']}", flush=True)
+        trainer = Trainer(model, train, loss_fn, test, comm, config["optimizer"], config["training"],
+                          config["checkpoint"], config=config, task=info["task"])
+        summary = trainer.fit(resume=args.resume)
+        if comm.rank == 0 and not summary["stopped"]:
+            parts = [f"{summary['steps']} steps in {summary['seconds']:.1f} s",
+                     f"{summary['samples_per_s']:,.0f} samples/s"]
+            if "test_loss" in summary:
+                parts.append(f"test_loss {summary['test_loss']:.4f}")
+            if "test_accuracy" in summary:
+                parts.append(f"test_accuracy {summary['test_accuracy']:.4f}")
+            print("done: " + ", ".join(parts), flush=True)
+        return 0
+    return _guarded(command)
+
+
+# ---------------------------------------------------------------------------------- eval, export
+def _eval(args) -> int:
+    from . import checkpoint
+    from .config import parse_override, validate
+    from .trainer import Trainer
+
+    def command(comm):
+        _, manifest, path = checkpoint.read_model(args.path) if comm.rank == 0 else (None, None, None)
+        manifest, path = comm.broadcast_object((manifest, path))
+        raw = manifest.get("extra", {}).get("config")
+        if not raw:
+            raise checkpoint.CheckpointError(f"{path}: records no config to rebuild the model from")
+        for text in args.set:
+            section, key, value = parse_override(text)
+            raw.setdefault(section, {})[key] = value
+        config = validate(raw, f"config recorded in {path}")
+        model, train, test, loss_fn, info = build_run(config, comm)
+        trainer = Trainer(model, train, loss_fn, test, comm, config["optimizer"], config["training"],
+                          config["checkpoint"], config=config, task=info["task"])
+        checkpoint.load(path, trainer.ddp, None, comm)
+        result = trainer.evaluate()
+        if comm.rank == 0:
+            print(f"{path}: step {manifest['step']}, " + ", ".join(f"{k} {v:.4f}" for k, v in result.items()))
+        return 0
+    return _guarded(command)
+
+
+def _export(args) -> int:
+    import numpy as np
+
+    from . import checkpoint
+
+    try:
+        params, manifest, path = checkpoint.read_model(args.path)
+        arrays = dict(params)
+        if args.optimizer:
+            state = checkpoint.consolidated_optimizer_state(path, manifest)
+            for key, per_param in state.items():
+                arrays.update({f"optimizer.{key}.{name}": value for name, value in per_param.items()})
+        temporary = args.output + ".tmp"
+        with open(temporary, "wb") as handle:
+            np.savez(handle, **arrays)
+        os.replace(temporary, args.output)
+    except (checkpoint.CheckpointError, OSError) as error:
+        return _fail(None, error)
+    print(f"wrote {args.output}: {len(params)} parameter arrays from {path} (step {manifest['step']})"
+          + (", with optimizer state" if args.optimizer else ""))
+    return 0
+
+
+# ------------------------------------------------------------------------------------- plot, info
+def _plot(args) -> int:
+    from .plotting import PlotError, plot
+
+    try:
+        output = plot(args.path, args.output)
+    except PlotError as error:
+        return _fail(None, error)
+    print(f"wrote {output}")
+    return 0
+
+
+def _info(args) -> int:
+    def command(comm):
+        import platform
+
+        import numpy as np
+
+        from . import __version__
+        from .threads import apply_threads, blas_info, choose_threads
+
+        topology = comm.node_topology()
+        threads, why = choose_threads(topology["local_size"])
+        apply_threads(threads)
+        per_rank = comm.allgather_object((comm.rank, topology["node_index"], threads))
+        if comm.rank != 0:
+            return 0
+        mpi = "none (single process)"
+        if comm.is_mpi:
+            from mpi4py import MPI
+
+            import mpi4py
+            mpi = f"mpi4py {mpi4py.__version__}; {MPI.Get_library_version().splitlines()[0].strip()}"
+        print(f"disttrain {__version__}; Python {platform.python_version()}; numpy {np.__version__}")
+        print(f"MPI: {mpi}")
+        print(f"world size: {comm.size}; nodes: {topology['nodes']} ({', '.join(topology['hostnames'])}); "
+              f"ranks on this node: {topology['local_size']}")
+        print(f"BLAS threads per rank: {threads} ({why})")
+        for rank, node, rank_threads in per_rank:
+            print(f"  rank {rank}: node {node}, {rank_threads} BLAS thread(s)")
+        for pool in blas_info():
+            print(f"BLAS: {pool['library']} {pool['version']} ({pool['api']}), {pool['threads']} thread(s)")
+        return 0
+    return _guarded(command)
+
+
+def _print_schema() -> int:
+    from .config import describe
+
+    print(describe())
+    return 0
+
+
+def _bench(args) -> int:
+    from .bench.runner import main as bench_main
+
+    return bench_main(args.rest)

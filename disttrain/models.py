@@ -1,0 +1,89 @@
+"""Built-in models named by the [model] config section, and loading a user's `module:callable`."""
+
+from __future__ import annotations
+
+import importlib
+import os
+import sys
+
+import numpy as np
+
+from . import nn, ops
+
+ACTIVATIONS = {"relu": nn.ReLU, "tanh": nn.Tanh, "gelu": nn.GELU, "sigmoid": nn.Sigmoid}
+
+
+class Reshape(nn.Module):
+    """(N, ...) -> (N, *shape)."""
+
+    def __init__(self, shape):
+        self.shape = tuple(shape)
+
+    def forward(self, x):
+        return ops.reshape(x, (x.shape[0], *self.shape))
+
+
+def mlp(input_shape, classes: int, hidden=(128,), activation: str = "relu", dropout: float = 0.0, rng=None):
+    """Flatten -> [Linear -> activation -> (Dropout)] per hidden width -> Linear(classes)."""
+    width = int(np.prod(input_shape))
+    layers = [nn.Flatten()]
+    for size in hidden:
+        layers += [nn.Linear(width, size, rng=rng), ACTIVATIONS[activation]()]
+        if dropout:
+            layers.append(nn.Dropout(dropout))
+        width = size
+    layers.append(nn.Linear(width, classes, rng=rng))
+    return nn.Sequential(*layers)
+
+
+def cnn(input_shape, classes: int, channels=(16, 32), hidden: int = 64, rng=None):
+    """Two blocks of 3x3 conv (padding 1) -> ReLU -> 2x2 max-pool, then Linear(hidden) -> ReLU -> Linear.
+
+    `input_shape` is (C, H, W) or (H, W) for one channel; H and W must be divisible by 4.
+    """
+    shape = tuple(input_shape)
+    if len(shape) == 2:
+        shape = (1, *shape)
+    if len(shape) != 3 or shape[1] % 4 or shape[2] % 4:
+        raise ValueError(f"cnn: input shape {tuple(input_shape)} must be (C, H, W) with H and W divisible by 4")
+    if len(channels) != 2:
+        raise ValueError(f"cnn: model.channels must list 2 widths, got {list(channels)}")
+    c1, c2 = channels
+    flat = c2 * (shape[1] // 4) * (shape[2] // 4)
+    return nn.Sequential(
+        Reshape(shape),
+        nn.Conv2d(shape[0], c1, 3, padding=1, rng=rng), nn.ReLU(), nn.MaxPool2d(2),
+        nn.Conv2d(c1, c2, 3, padding=1, rng=rng), nn.ReLU(), nn.MaxPool2d(2),
+        nn.Flatten(), nn.Linear(flat, hidden, rng=rng), nn.ReLU(), nn.Linear(hidden, classes, rng=rng))
+
+
+def user_callable(spec: str):
+    """The object named by 'module:attribute', importable from the working directory."""
+    module_name, _, attribute = spec.partition(":")
+    if not module_name or not attribute:
+        raise ValueError(f"model.name = {spec!r}: expected 'module:callable'")
+    if os.getcwd() not in sys.path:
+        sys.path.insert(0, os.getcwd())
+    try:
+        module = importlib.import_module(module_name)
+    except ImportError as error:
+        raise ValueError(f"model.name = {spec!r}: cannot import module {module_name!r} from "
+                         f"{os.getcwd()}: {error}") from None
+    try:
+        return getattr(module, attribute)
+    except AttributeError:
+        raise ValueError(f"model.name = {spec!r}: module {module_name!r} has no attribute {attribute!r}") from None
+
+
+def build_model(section: dict, input_shape, classes: int, rng=None) -> nn.Module:
+    """The model the validated [model] section describes, for samples of `input_shape`."""
+    name = section["name"]
+    if name == "mlp":
+        return mlp(input_shape, classes, section["hidden"], section["activation"], section["dropout"], rng)
+    if name == "cnn":
+        return cnn(input_shape, classes, section["channels"], rng=rng)
+    factory = user_callable(name)
+    model = factory(input_shape=tuple(input_shape), classes=classes, **section["options"])
+    if not isinstance(model, nn.Module):
+        raise ValueError(f"model.name = {name!r} returned a {type(model).__name__}, not a disttrain.nn.Module")
+    return model

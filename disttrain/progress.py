@@ -1,0 +1,92 @@
+"""What rank 0 shows and records while training: a live line on a terminal, plain periodic lines in
+batch logs, and RUN_DIR/metrics.jsonl (one JSON object per line, flushed, safe to tail)."""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+import time
+
+
+class MetricsFile:
+    """Appends JSON lines to `path` (rank 0 only). On resume, lines past `keep_until_step` are dropped
+    first: they describe steps that will be trained again."""
+
+    def __init__(self, path: str, resume_step: int | None = None):
+        self.path = path
+        os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
+        if resume_step is None:
+            self.handle = open(path, "w")
+            return
+        kept = []
+        if os.path.isfile(path):
+            with open(path) as handle:
+                for line in handle:
+                    try:
+                        record = json.loads(line)
+                    except ValueError:
+                        continue  # a line cut short by a crash
+                    if record.get("step", 0) <= resume_step:
+                        kept.append(line if line.endswith("\n") else line + "\n")
+        self.handle = open(path, "w")
+        self.handle.writelines(kept)
+        self.handle.flush()
+
+    def write(self, record: dict) -> None:
+        self.handle.write(json.dumps(record) + "\n")
+        self.handle.flush()
+
+    def close(self) -> None:
+        self.handle.close()
+
+
+class Progress:
+    """Progress display on rank 0: `mode` "bar" (rewritten line), "lines", "none" or "auto" (bar on a
+    terminal, lines otherwise). Other ranks construct it with enabled=False and it does nothing."""
+
+    def __init__(self, total_steps: int, enabled: bool, mode: str = "auto", stream=None):
+        self.stream = stream or sys.stdout
+        if mode == "auto":
+            mode = "bar" if getattr(self.stream, "isatty", lambda: False)() else "lines"
+        self.enabled = enabled
+        self.mode = mode if enabled else "none"
+        self.total_steps = total_steps
+        self.started = time.perf_counter()
+        self._bar_shown = False
+
+    def step(self, step: int, epoch: int, loss: float, samples_per_s: float, lr: float) -> None:
+        """Show progress after optimizer step `step` (the bar redraws; lines are for log_every steps)."""
+        if self.mode == "none":
+            return
+        elapsed = time.perf_counter() - self.started
+        eta = elapsed / max(step, 1) * max(self.total_steps - step, 0)
+        text = (f"step {step}/{self.total_steps}  epoch {epoch + 1}  loss {loss:.4f}  lr {lr:.3g}  "
+                f"{samples_per_s:,.0f} samples/s  ETA {_duration(eta)}")
+        if self.mode == "bar":
+            width = 24
+            filled = int(width * min(step / max(self.total_steps, 1), 1.0))
+            self.stream.write("\r[" + "#" * filled + "." * (width - filled) + "] " + text + "\033[K")
+            self.stream.flush()
+            self._bar_shown = True
+        else:
+            self.line(text)
+
+    def line(self, text: str, always: bool = False) -> None:
+        """Print a whole line on rank 0 (ending any live bar first); `always` even in mode "none"."""
+        if not self.enabled or (self.mode == "none" and not always):
+            return
+        if self._bar_shown:
+            self.stream.write("\n")
+            self._bar_shown = False
+        print(text, file=self.stream, flush=True)
+
+    def wants_line(self, step: int, log_every: int) -> bool:
+        return self.mode == "bar" or (self.mode == "lines" and step % log_every == 0)
+
+
+def _duration(seconds: float) -> str:
+    seconds = int(seconds)
+    if seconds >= 3600:
+        return f"{seconds // 3600}h{seconds % 3600 // 60:02d}m"
+    return f"{seconds // 60}m{seconds % 60:02d}s"
