@@ -310,6 +310,8 @@ def getitem(a: Tensor, key) -> Tensor:
     """a[key]: integer, slice, integer array or tuple of these (gradients of repeated indices add up)."""
     if isinstance(key, Tensor):
         key = key.data
+    elif isinstance(key, tuple):
+        key = tuple(k.data if isinstance(k, Tensor) else k for k in key)
     try:
         data = a.data[key]
     except IndexError as error:

@@ -207,6 +207,8 @@ CASES = [
     ("getitem_tuple_slice_int", lambda a: a[:, 1], lambda a: a[:, 1], [((3, 4), "any")]),
     ("getitem_int_array_repeats", lambda a: a[REPEATED], lambda a: a[REPEATED], [((3, 4), "any")]),
     ("getitem_int_array_tensor_key", lambda a: a[Tensor(REPEATED)], lambda a: a[REPEATED], [((3, 2), "any")]),
+    ("getitem_tuple_with_tensor_index", lambda a: a[Tensor(np.array([2, 0, 2])), 1:],
+     lambda a: a[np.array([2, 0, 2]), 1:], [((3, 4), "any")]),
     ("getitem_pairs_repeated", lambda a: a[np.array([0, 0, 2]), np.array([1, 1, 3])],
      lambda a: a[np.array([0, 0, 2]), np.array([1, 1, 3])], [((3, 4), "any")]),
     ("concatenate_axis0", lambda a, b, c: ops.concatenate([a, b, c]), lambda a, b, c: np.concatenate([a, b, c]),
