@@ -226,9 +226,13 @@ def list_checkpoints(directory: str) -> list:
 
 
 def candidates(path: str) -> list:
-    """Checkpoint directories to try for `path`: itself if it is one, else `latest` then older ones."""
+    """Checkpoint directories to try for `path`: itself if it is one, else `latest` then older ones
+    (in `path` or, for a run directory, in `path/checkpoints`)."""
     if os.path.isfile(os.path.join(path, MANIFEST)) or _STEP_DIR.match(os.path.basename(os.path.normpath(path))):
         return [path]
+    nested = os.path.join(path, "checkpoints")
+    if not list_checkpoints(path) and os.path.isdir(nested):
+        path = nested
     ordered = [p for _, p in reversed(list_checkpoints(path))]
     pointer = os.path.join(path, LATEST)
     if os.path.isfile(pointer):

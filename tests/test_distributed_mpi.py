@@ -1,0 +1,229 @@
+"""DataParallel, ShardedOptimizer, the communicator and the sampler on every rank of a real MPI job.
+
+Run by `make test` as `mpiexec -n 2` and `-n 3 ... pytest --with-mpi --only-mpi`. Each test compares
+what the ranks computed together with what one process computes alone on the whole global batch.
+"""
+
+import numpy as np
+import pytest
+
+import disttrain as dt
+from disttrain.data import DistributedSampler, split_evenly
+from disttrain.distributed import DataParallel, ModelMismatchError, ShardedOptimizer, init
+from disttrain.optim import SGD, Adam, clip_grad_norm
+
+pytestmark = pytest.mark.mpi(min_size=2)
+
+
+@pytest.fixture(scope="module")
+def comm():
+    return init(abort_on_exception=False)
+
+
+def _model(seed, widths=(6, 10, 4)):
+    dt.manual_seed(seed)
+    return dt.nn.Sequential(dt.nn.Linear(widths[0], widths[1]), dt.nn.Tanh(), dt.nn.Linear(widths[1], widths[2]))
+
+
+def _batch(count=13, seed=0):
+    rng = np.random.default_rng(seed)
+    return rng.standard_normal((count, 6)).astype(np.float32), rng.integers(0, 4, count)
+
+
+def _local_part(comm, x, y):
+    start, stop = split_evenly(len(x), comm.size, comm.rank)
+    return x[start:stop], y[start:stop]
+
+
+def _backward(ddp, x, y, global_count):
+    """Backward of this rank's share of the global mean loss, then the gradient sync (COLLECTIVE)."""
+    if len(x):
+        loss = dt.nn.SoftmaxLoss()(ddp(dt.Tensor(x)), y)
+        loss.backward(np.float32(len(x) / global_count))
+    ddp.sync_gradients(grad_scale=1.0)  # the backward seed already weighted this rank's share
+
+
+# ----------------------------------------------------------------------------------- communicator
+def test_collectives_sum_gather_and_broadcast_float32_buffers(comm):
+    values = np.full(4, comm.rank + 1, np.float32)
+    comm.allreduce(values)
+    assert values.dtype == np.float32 and np.all(values == comm.size * (comm.size + 1) / 2)
+    send = np.arange(3 * comm.size, dtype=np.float32) * (comm.rank + 1)
+    recv = np.empty(3, np.float32)
+    comm.reduce_scatter(send, recv)
+    expected = np.arange(3 * comm.size, dtype=np.float32)[3 * comm.rank:3 * comm.rank + 3] * comm.size * (comm.size + 1) / 2
+    np.testing.assert_array_equal(recv, expected)
+    gathered = np.zeros(2 * comm.size, np.float32)
+    gathered[2 * comm.rank:2 * comm.rank + 2] = comm.rank
+    comm.allgather(gathered)
+    np.testing.assert_array_equal(gathered, np.repeat(np.arange(comm.size, dtype=np.float32), 2))
+    shared = np.full(5, float(comm.rank), np.float32)
+    comm.broadcast(shared, root=comm.size - 1)
+    assert np.all(shared == comm.size - 1)
+    assert comm.any_true(comm.rank == comm.size - 1) is True
+    assert comm.any_true(False) is False
+
+
+def test_collectives_refuse_non_contiguous_buffers(comm):
+    with pytest.raises(ValueError, match="C-contiguous"):
+        comm.allreduce(np.zeros((4, 4), np.float32)[:, 1])
+
+
+# ------------------------------------------------------------------------------------ DataParallel
+def test_data_parallel_starts_every_rank_from_rank_0_parameters(comm):
+    model = _model(seed=100 + comm.rank)  # deliberately different on every rank
+    reference = _model(seed=100)
+    ddp = DataParallel(model, comm)
+    for (name, p), (_, q) in zip(ddp.named_parameters(), reference.named_parameters()):
+        np.testing.assert_array_equal(p.data, q.data, err_msg=name)
+        assert p.data.base is ddp.flat.flat_params  # a view, not a copy
+
+
+def test_model_mismatch_raises_on_every_rank_naming_both_sides(comm):
+    widths = (6, 10 + (comm.rank == comm.size - 1), 4)
+    with pytest.raises(ModelMismatchError) as error:
+        DataParallel(_model(0, widths), comm)
+    message = str(error.value)
+    assert "'0.weight' shape (10, 6)" in message and "'0.weight' shape (11, 6)" in message
+    assert f"rank {comm.size - 1}" in message
+
+
+def test_parameter_without_gradient_on_one_rank_takes_part_as_zeros(comm):
+    class TwoHeads(dt.nn.Module):
+        def __init__(self):
+            self.body, self.head_a, self.head_b = dt.nn.Linear(6, 5), dt.nn.Linear(5, 4), dt.nn.Linear(5, 4)
+
+        def forward(self, x, use_b):
+            return (self.head_b if use_b else self.head_a)(self.body(x).relu())
+
+    dt.manual_seed(1)
+    ddp = DataParallel(TwoHeads(), comm, strategy="allreduce")
+    x, y = _batch(4)
+    loss = dt.nn.SoftmaxLoss()(ddp(dt.Tensor(x), comm.rank == 0), y)
+    loss.backward()
+    ddp.sync_gradients()
+    head_b = ddp.module.head_b.weight
+    assert (head_b.grad is None) == (comm.rank != 0)
+    # rank 0's head_b gradient, averaged with zeros from the other ranks
+    summed = ddp.flat.flat_grads[[offset for name, offset, _ in ddp.layout.entries if name == "head_b.weight"][0]]
+    local = np.zeros(1, np.float32) if comm.rank else head_b.grad.reshape(-1)[:1] * comm.size
+    comm.allreduce(local)
+    np.testing.assert_allclose(summed, local[0] / comm.size, rtol=1e-6)
+
+
+# -------------------------------------------------------------------------------- ShardedOptimizer
+@pytest.mark.parametrize("strategy", ["reduce_scatter", "allreduce"])
+@pytest.mark.parametrize("optimizer_class,hyper", [(Adam, {"lr": 0.05, "weight_decay": 0.01}),
+                                                   (SGD, {"lr": 0.2, "momentum": 0.9})])
+def test_sharded_steps_match_a_single_process_and_keep_replicas_identical(comm, strategy, optimizer_class, hyper):
+    ddp = DataParallel(_model(2), comm, strategy=strategy, bucket_mb=0.0002)
+    sharded = ShardedOptimizer(optimizer_class, ddp.parameters(), comm, **hyper)
+    single = _model(2)
+    plain = optimizer_class(single.parameters(), **hyper)
+    for step in range(4):
+        x, y = _batch(13, seed=step)
+        _backward(ddp, *_local_part(comm, x, y), len(x))
+        sharded.step()
+        sharded.reset_grad()
+        dt.nn.SoftmaxLoss()(single(dt.Tensor(x)), y).backward()
+        plain.step()
+        plain.reset_grad()
+        everyone = comm.allgather_object(ddp.flat.flat_params.tobytes())
+        assert all(blob == everyone[0] for blob in everyone), f"replicas differ after step {step}"
+    for (name, p), (_, q) in zip(ddp.named_parameters(), single.named_parameters()):
+        np.testing.assert_allclose(p.data, q.data, rtol=1e-5, atol=1e-6, err_msg=name)
+
+
+def test_optimizer_state_per_rank_is_the_full_state_divided_by_the_world_size(comm):
+    model = _model(3, widths=(6, 200, 4))
+    ddp = DataParallel(model, comm)
+    sharded = ShardedOptimizer(Adam, ddp.parameters(), comm, lr=0.01)
+    x, y = _batch(13)
+    _backward(ddp, *_local_part(comm, x, y), len(x))
+    sharded.step()
+    full = 2 * ddp.layout.total * 4  # Adam: m and v, float32
+    per_rank = sharded.state_bytes()
+    assert full / comm.size <= per_rank <= full / comm.size + 2 * 4 * 16 * comm.size  # alignment padding only
+    assert all(v.dtype == np.float32 for s in sharded.state for v in s.values() if isinstance(v, np.ndarray))
+    replicated_ddp = DataParallel(_model(3, widths=(6, 200, 4)), comm, strategy="allreduce")
+    replicated = ShardedOptimizer(Adam, replicated_ddp.parameters(), comm, shard=False, lr=0.01)
+    _backward(replicated_ddp, *_local_part(comm, x, y), len(x))
+    replicated.step()
+    assert replicated.state_bytes() >= full
+
+
+def test_clip_grad_norm_over_shards_equals_the_single_process_norm(comm):
+    ddp = DataParallel(_model(4), comm)
+    sharded = ShardedOptimizer(SGD, ddp.parameters(), comm, lr=0.1)
+    single = _model(4)
+    x, y = _batch(13, seed=9)
+    _backward(ddp, *_local_part(comm, x, y), len(x))
+    dt.nn.SoftmaxLoss()(single(dt.Tensor(x)), y).backward()
+    expected = clip_grad_norm(single.parameters(), 0.05)
+    norm = sharded.clip_grad_norm(0.05)
+    assert norm == pytest.approx(expected, rel=1e-5)
+    sharded.step()
+    SGD(single.parameters(), lr=0.1).step()
+    for p, q in zip(ddp.parameters(), single.parameters()):
+        np.testing.assert_allclose(p.data, q.data, rtol=1e-5, atol=1e-7)
+
+
+def test_consolidated_state_equals_the_single_process_state(comm):
+    ddp = DataParallel(_model(5), comm)
+    sharded = ShardedOptimizer(Adam, ddp.parameters(), comm, lr=0.02)
+    single = _model(5)
+    plain = Adam(single.parameters(), lr=0.02)
+    for step in range(3):
+        x, y = _batch(11, seed=20 + step)
+        _backward(ddp, *_local_part(comm, x, y), len(x))
+        sharded.step()
+        sharded.reset_grad()
+        dt.nn.SoftmaxLoss()(single(dt.Tensor(x)), y).backward()
+        plain.step()
+        plain.reset_grad()
+    full = sharded.consolidate_state_dict()
+    if comm.rank != 0:
+        assert full is None
+        return
+    assert full["scalars"]["step"] == 3
+    for (name, _), state in zip(single.named_parameters(), plain.state):
+        np.testing.assert_allclose(full["state"]["exp_avg"][name], state["exp_avg"], rtol=1e-5, atol=1e-8)
+        np.testing.assert_allclose(full["state"]["exp_avg_sq"][name], state["exp_avg_sq"], rtol=1e-5, atol=1e-10)
+
+
+def test_sharded_state_dict_round_trip_gives_identical_next_steps(comm):
+    def trained(steps_before):
+        ddp = DataParallel(_model(6), comm)
+        opt = ShardedOptimizer(Adam, ddp.parameters(), comm, lr=0.03)
+        for step in range(steps_before):
+            x, y = _batch(9, seed=step)
+            _backward(ddp, *_local_part(comm, x, y), len(x))
+            opt.step()
+            opt.reset_grad()
+        return ddp, opt
+
+    ddp_a, opt_a = trained(2)
+    saved = opt_a.state_dict()
+    params = ddp_a.flat.flat_params.copy()
+    ddp_b, opt_b = trained(0)
+    ddp_b.flat.flat_params[...] = params
+    opt_b.load_state_dict(saved)
+    for ddp, opt in ((ddp_a, opt_a), (ddp_b, opt_b)):
+        x, y = _batch(9, seed=50)
+        _backward(ddp, *_local_part(comm, x, y), len(x))
+        opt.step()
+    np.testing.assert_array_equal(ddp_a.flat.flat_params, ddp_b.flat.flat_params)
+
+
+# ----------------------------------------------------------------------------------------- sampler
+def test_sampler_parts_of_each_global_batch_cover_it_exactly_once(comm):
+    sampler = DistributedSampler(23, comm.size, comm.rank, seed=4)
+    sampler.set_epoch(1)
+    reference = DistributedSampler(23, 1, 0, seed=4)
+    reference.set_epoch(1)
+    mine = [(list(idx), count) for idx, count in sampler.batches(5)]
+    everyone = comm.allgather_object(mine)
+    for b, (global_idx, count) in enumerate(reference.batches(5)):
+        parts = [everyone[r][b][0] for r in range(comm.size)]
+        assert sum(parts, []) == list(global_idx) and all(everyone[r][b][1] == count for r in range(comm.size))
+    assert len({len(m) for m in everyone}) == 1  # every rank runs the same number of steps
