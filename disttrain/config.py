@@ -114,8 +114,8 @@ SCHEMA = {
         "eps": Field("float", 1e-8, "adam: denominator epsilon", low=0.0, low_open=True),
         "weight_decay": Field("float", 0.0, "L2 (sgd, adam) or decoupled (adamw) weight decay", low=0.0),
         "sharded": Field("bool", True, "ZeRO-1: each rank keeps only its share of optimizer state"),
-        "strategy": Field("str", "reduce_scatter", "gradient combination",
-                          choices=("reduce_scatter", "allreduce")),
+        "strategy": Field("str", "auto", "gradient combination (auto: reduce_scatter when sharded, "
+                          "else allreduce)", choices=("auto", "reduce_scatter", "allreduce")),
         "bucket_mb": Field("float", 25.0, "largest gradient bucket per collective call, MB", low=0.0,
                            low_open=True),
     },
@@ -231,14 +231,11 @@ def load_config(path: str | None, overrides=()) -> dict:
 def check_consistency(config: dict) -> None:
     """Rules that involve several keys."""
     optimizer = config["optimizer"]
+    if optimizer["strategy"] == "auto":
+        optimizer["strategy"] = "reduce_scatter" if optimizer["sharded"] else "allreduce"
     if not optimizer["sharded"] and optimizer["strategy"] == "reduce_scatter":
         raise ConfigError("optimizer.sharded = false needs optimizer.strategy = 'allreduce' "
                           "(with reduce_scatter each rank only receives its own share of the gradient)")
-    training = config["training"]
-    if training["schedule"] == "cosine" and training["warmup_steps"] and training["max_steps"] and \
-            training["warmup_steps"] > training["max_steps"]:
-        raise ConfigError(f"training.warmup_steps = {training['warmup_steps']} exceeds training.max_steps = "
-                          f"{training['max_steps']}")
 
 
 def describe() -> str:
