@@ -162,7 +162,7 @@ def save(directory: str, step: int, ddp, optimizer, comm, extra: dict | None = N
         os.rename(partial, final)
         _fsync_dir(directory)
         _point_latest(directory, step_dirname(step))
-        _prune(directory, keep)
+        _prune(directory, keep, step)
         return None
     _agree(comm, publish, f"checkpoint {final}: publishing")
     return final
@@ -178,8 +178,13 @@ def _point_latest(directory: str, name: str) -> None:
     _fsync_dir(directory)
 
 
-def _prune(directory: str, keep: int) -> None:
-    for _, path in list_checkpoints(directory)[:-keep]:
+def _prune(directory: str, keep: int, step: int) -> None:
+    # checkpoints past `step` are another history (an earlier run, or one resumed from further back):
+    # kept, they would outrank the new ones and keep-last-N would delete what this run just wrote
+    published = list_checkpoints(directory)
+    stale = [path for saved, path in published if saved > step]
+    current = [path for saved, path in published if saved <= step]
+    for path in stale + current[:-keep]:
         shutil.rmtree(path, ignore_errors=True)
 
 
