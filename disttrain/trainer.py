@@ -71,8 +71,9 @@ class Trainer:
         self.task = task or _guess_task(train_data)
         cfg = self.train_cfg
         if cfg["batch_size"] < self.comm.size:
-            raise ValueError(f"training.batch_size = {cfg['batch_size']} is smaller than the world size "
-                             f"{self.comm.size}: every rank needs at least one sample per global batch")
+            raise config_module.ConfigError(f"training.batch_size = {cfg['batch_size']} is smaller than the world "
+                                            f"size {self.comm.size}: every rank needs at least one sample per "
+                                            f"global batch")
         if len(train_data) == 0:
             raise ValueError("the training data set is empty")
 
@@ -199,6 +200,8 @@ class Trainer:
                 if self.faults.active and self.faults.hit("nan", step):
                     loss = loss * float("nan")
                 if self.faults.active:
+                    self.faults.hit("sleep", step)
+                    self.faults.hit("kill", step)  # mid-step: after forward, before backward and the sync
                     self.faults.hit("backward", step)
                 # weight len/total: the summed gradient is that of the mean loss over the global batch
                 loss.backward(np.float32(len(indices) / total))
@@ -230,7 +233,7 @@ class Trainer:
         t3 = time.perf_counter()
         self.step = step
         self.epoch_loss_sum += stats[0] if math.isfinite(stats[0]) else 0.0
-        self.epoch_count += int(stats[1])
+        self.epoch_count += int(stats[1]) if math.isfinite(stats[0]) else 0  # a skipped NaN step adds neither
         self._log_step(loss, lr, total, t3 - t0, t1 - t0, (t2 - t1) + self.optimizer.last_gather_seconds,
                        self.optimizer.last_update_seconds)
         if self.train_cfg["check_replicas_every"] and step % self.train_cfg["check_replicas_every"] == 0:
@@ -296,9 +299,9 @@ class Trainer:
         stats = comm.allreduce(np.array([loss_sum, correct, count, failure is not None]), "sum")
         if stats[3]:
             self._raise_agreed(failure, "evaluation failed", TrainingError)
-        result = {"test_loss": stats[0] / max(stats[2], 1)}
+        result = {"test_loss": float(stats[0] / max(stats[2], 1))}
         if self.task == "classification":
-            result["test_accuracy"] = stats[1] / max(stats[2], 1)
+            result["test_accuracy"] = float(stats[1] / max(stats[2], 1))
         return result
 
     def _evaluate_and_log(self, watchdog) -> None:
