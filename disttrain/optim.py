@@ -1,8 +1,8 @@
 """Optimizers (the seed's API and update rules), learning-rate schedules, and gradient clipping.
 
 `Optimizer(params)` holds a list of Tensors and one state dict per Tensor. The update of each Tensor is
-a fused, chunked pass over its flattened data: every intermediate lives in a small scratch buffer
-(~128 KiB, cache-sized), so no full-size temporaries are allocated per step. Because updates are
+one fused pass over its flattened data (fused.py: numba when installed, chunked numpy otherwise), so
+no full-size temporaries are allocated per step. Because updates are
 elementwise, an optimizer handed one Tensor that is a slice of a flat parameter buffer updates that
 slice exactly as it would update the parameters it covers: that is how the sharded optimizer runs.
 """
@@ -13,9 +13,9 @@ import math
 
 import numpy as np
 
+from . import fused
+from .fused import CHUNK_ELEMENTS
 from .tensor import Tensor
-
-CHUNK_ELEMENTS = 32768  # 128 KiB of float32: the chunk size measured fastest for fused updates
 
 
 class Optimizer:
@@ -41,7 +41,6 @@ class Optimizer:
                 param.data = np.ascontiguousarray(param.data)
         self.params = params
         self.state = [dict() for _ in params]
-        self._scratch = {}
 
     def step(self) -> None:
         """Update every parameter that has a gradient, in place."""
@@ -90,19 +89,6 @@ class Optimizer:
         """Bytes held in optimizer-state arrays (what ZeRO-1 divides by the world size)."""
         return sum(v.nbytes for state in self.state for v in state.values() if isinstance(v, np.ndarray))
 
-    # --- chunked iteration shared by the updates
-    def _chunks(self, *arrays):
-        """Yield aligned 1-D chunks of the given same-shaped contiguous arrays, plus two scratch buffers."""
-        flat = [a.reshape(-1) for a in arrays]
-        n = flat[0].size
-        dtype = flat[0].dtype
-        scratch = self._scratch.get(dtype)
-        if scratch is None:
-            scratch = self._scratch[dtype] = (np.empty(CHUNK_ELEMENTS, dtype), np.empty(CHUNK_ELEMENTS, dtype))
-        for lo in range(0, n, CHUNK_ELEMENTS):
-            hi = min(lo + CHUNK_ELEMENTS, n)
-            yield [a[lo:hi] for a in flat], scratch[0][:hi - lo], scratch[1][:hi - lo]
-
 
 def _check_range(name: str, value: float, low: float, high: float | None = None, high_open: bool = True) -> float:
     value = float(value)
@@ -130,25 +116,12 @@ class SGD(Optimizer):
         return {"lr": self.lr, "momentum": self.momentum, "weight_decay": self.weight_decay}
 
     def update(self, data, grad, state):
-        lr, momentum, decay = self.lr, self.momentum, self.weight_decay
-        if momentum:
-            if "momentum_buffer" not in state:
-                state["momentum_buffer"] = np.zeros_like(data)
-            arrays = (data, grad, state["momentum_buffer"])
-        else:
-            arrays = (data, grad)
-        for chunk, scratch, _ in self._chunks(*arrays):
-            p, g = chunk[0], chunk[1]
-            if momentum:
-                u = chunk[2]
-                u *= momentum
-                np.multiply(g, 1.0 - momentum, out=scratch)
-                u += scratch
-                g = u
-            if decay:
-                p *= 1.0 - lr * decay
-            np.multiply(g, lr, out=scratch)
-            p -= scratch
+        if self.momentum and "momentum_buffer" not in state:
+            state["momentum_buffer"] = np.zeros_like(data)
+        buffer = state.get("momentum_buffer") if self.momentum else None
+        c = fused.constants(data.dtype, momentum=self.momentum, one_minus_momentum=1.0 - self.momentum,
+                            decay_factor=1.0 - self.lr * self.weight_decay, lr=self.lr)
+        fused.sgd_update(data.reshape(-1), grad.reshape(-1), None if buffer is None else buffer.reshape(-1), c)
 
 
 class Adam(Optimizer):
@@ -181,31 +154,14 @@ class Adam(Optimizer):
             state["exp_avg"] = np.zeros_like(data)
             state["exp_avg_sq"] = np.zeros_like(data)
         state["step"] += 1
-        t = state["step"]
-        lr, b1, b2, eps, decay = self.lr, self.beta1, self.beta2, self.eps, self.weight_decay
-        correction1, correction2 = 1.0 - b1 ** t, 1.0 - b2 ** t
-        arrays = (data, grad, state["exp_avg"], state["exp_avg_sq"])
-        for (p, g, m, v), a, b in self._chunks(*arrays):
-            if decay and self.decoupled:
-                p *= 1.0 - lr * decay
-            elif decay:
-                np.multiply(p, decay, out=a)
-                a += g
-                g = a
-            m *= b1
-            np.multiply(g, 1.0 - b1, out=b)
-            m += b
-            v *= b2
-            np.multiply(g, g, out=b)
-            b *= 1.0 - b2
-            v += b
-            np.divide(v, correction2, out=b)
-            np.sqrt(b, out=b)
-            b += eps
-            np.divide(m, correction1, out=a)
-            a *= lr
-            a /= b
-            p -= a
+        t, decay = state["step"], self.weight_decay
+        c = fused.constants(data.dtype, l2=0.0 if self.decoupled else decay,
+                            decay_factor=1.0 - self.lr * decay if self.decoupled else 1.0,
+                            b1=self.beta1, one_minus_b1=1.0 - self.beta1, b2=self.beta2,
+                            one_minus_b2=1.0 - self.beta2, lr=self.lr, correction1=1.0 - self.beta1 ** t,
+                            correction2=1.0 - self.beta2 ** t, eps=self.eps)
+        fused.adam_update(data.reshape(-1), grad.reshape(-1), state["exp_avg"].reshape(-1),
+                          state["exp_avg_sq"].reshape(-1), c)
 
 
 class AdamW(Adam):
