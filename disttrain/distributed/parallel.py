@@ -46,8 +46,10 @@ class DataParallel(Module):
         self.flat.data_parallel = self
         self.layout = self.flat.layout
         self.owned_ranges = self.layout.owned_ranges(comm.rank)
-        # the summed gradient of the chunks this rank owns, when strategy == "reduce_scatter"
-        self.shard_grads = np.zeros(self.layout.shard_size(), np.float32) if strategy == "reduce_scatter" else None
+        # the summed gradient of the chunks this rank owns, when reduce-scattering; alone, a rank's
+        # gradient already is the sum, so it is used where it lies
+        self._scatters = strategy == "reduce_scatter" and comm.size > 1
+        self.shard_grads = np.zeros(self.layout.shard_size(), np.float32) if self._scatters else None
         self.synced = False
         self._sync_enabled = True
         comm.broadcast(self.flat.flat_params, root=0)
@@ -103,20 +105,20 @@ class DataParallel(Module):
         flat_grads = self.flat.flat_grads
         if scale != 1.0:
             flat_grads *= np.float32(scale)
-        if self.strategy == "allreduce":
-            for lo, hi in self.layout.buckets:
-                self.comm.allreduce(flat_grads[lo:hi])
-        else:
+        if self._scatters:
             offset = 0
             for lo, hi in self.layout.buckets:
                 chunk = (hi - lo) // self.comm.size
                 self.comm.reduce_scatter(flat_grads[lo:hi], self.shard_grads[offset:offset + chunk])
                 offset += chunk
+        elif self.comm.size > 1:
+            for lo, hi in self.layout.buckets:
+                self.comm.allreduce(flat_grads[lo:hi])
         self.synced = True
 
     def owned_grads(self) -> list:
         """Views of the combined gradient of each owned range (valid after sync_gradients)."""
-        if self.strategy == "allreduce":
+        if not self._scatters:
             return [self.flat.flat_grads[lo:hi] for lo, hi in self.owned_ranges]
         views, offset = [], 0
         for lo, hi in self.owned_ranges:
