@@ -15,6 +15,8 @@ help:
 	@echo "make run      train the default example (digits MLP) on 2 ranks"
 	@echo "make test     the whole test suite (serial, then MPI at 2 and 3 ranks)"
 	@echo "make bench    throughput/memory benchmark against hand-written numpy (and PyTorch if installed)"
+	@echo "make bench-deps  install the CPU build of PyTorch for the benchmark's PyTorch columns"
+	@echo "make soak     long fault-injection run (random SIGTERM/SIGKILL, resume, compare)"
 	@echo "make install  create .venv with disttrain and its MPI, test extras"
 	@echo "make clean    remove .venv, build files and runs/"
 
@@ -37,6 +39,17 @@ test-serial: install
 test-mpi: install
 	PATH=$(abspath $(BIN)):$$PATH $(MPI_PYTEST) 2 $(BIN)/python -m pytest -q -p no:cacheprovider --with-mpi --only-mpi tests
 	PATH=$(abspath $(BIN)):$$PATH $(MPI_PYTEST) 3 $(BIN)/python -m pytest -q -p no:cacheprovider --with-mpi --only-mpi tests
+
+bench: install
+	PATH=$(abspath $(BIN)):$$PATH $(BIN)/python -m disttrain.bench
+
+# PyTorch (CPU build) for the benchmark's DDP columns; the benchmark runs without it and says so
+bench-deps: install
+	$(BIN)/python -m pip install --quiet torch==2.13.0 || $(BIN)/python -m pip install --quiet torch --index-url https://download.pytorch.org/whl/cpu
+
+# long fault-injection run: random SIGTERM/SIGKILL of random ranks, resume, compare (see scripts/soak.py)
+soak: install
+	PATH=$(abspath $(BIN)):$$PATH $(BIN)/python scripts/soak.py
 
 clean:
 	rm -rf $(VENV) build *.egg-info disttrain.egg-info .pytest_cache runs
