@@ -183,11 +183,28 @@ def linear(x: Tensor, weight: Tensor, bias: Tensor | None = None) -> Tensor:
 
     def backward(g):
         gx = g @ weight.data if x.requires_grad else None
-        gw = g.T @ x.data if weight.requires_grad else None
-        gb = g.sum(axis=0) if bias is not None and bias.requires_grad else None
+        gw = _leaf_grad(weight, lambda out: np.matmul(g.T, x.data, out=out))
+        gb = _leaf_grad(bias, lambda out: np.sum(g, axis=0, out=out)) if bias is not None else None
         return gx, gw, gb
     parents = (x, weight) if bias is None else (x, weight, bias)
     return _result(data, parents, backward)
+
+
+def _leaf_grad(leaf: Tensor, compute):
+    """The gradient `compute(out)` makes for `leaf`, or None if it needs none.
+
+    When `leaf` is a parameter with a flat-buffer gradient view and no gradient yet, the result is
+    written straight into that view (no temporary, no copy) and becomes `leaf.grad`; None is returned
+    so the engine adds nothing more. Otherwise the gradient is returned for the engine to accumulate.
+    """
+    if not leaf.requires_grad:
+        return None
+    view = leaf._grad_view
+    if view is not None and leaf.grad is None and leaf._backward is None:
+        compute(view)
+        leaf.grad = view
+        return None
+    return compute(None)
 
 
 def _check_bias(op: str, weight: Tensor, bias: Tensor | None) -> None:
@@ -487,8 +504,9 @@ def conv2d(x: Tensor, weight: Tensor, bias: Tensor | None = None, stride=1, padd
 
     def backward(g):
         g_rows = g.transpose(0, 2, 3, 1).reshape(n * oh * ow, o)
-        gw = (g_rows.T @ cols).reshape(weight.shape) if weight.requires_grad else None
-        gb = g_rows.sum(axis=0) if bias is not None and bias.requires_grad else None
+        gw = _leaf_grad(weight, lambda out: np.matmul(
+            g_rows.T, cols, out=None if out is None else out.reshape(o, c * kh * kw)).reshape(weight.shape))
+        gb = _leaf_grad(bias, lambda out: np.sum(g_rows, axis=0, out=out)) if bias is not None else None
         gx = None
         if x.requires_grad:
             g_cols = (g_rows @ w_mat).reshape(n, oh, ow, c, kh, kw)
