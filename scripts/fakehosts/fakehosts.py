@@ -189,16 +189,24 @@ class FakeHosts:
         result.update({k: str(v) for k, v in (env or {}).items()})
         return result
 
-    def mpiexec_argv(self, argv: list, ranks_per_host: int = 1, hosts: list[int] | None = None) -> list[str]:
+    def mpiexec_argv(self, argv: list, ranks_per_host: int | list[int] = 1,
+                     hosts: list[int] | None = None) -> list[str]:
         """The command that runs `argv` as ranks_per_host ranks on each of `hosts` (indices, default all),
-        ranks in host order (host 0 gets ranks 0..ranks_per_host-1), mpiexec on the login node."""
+        ranks in host order (host 0 gets ranks 0..ranks_per_host-1), mpiexec on the login node.
+        A list gives each chosen host its own count (e.g. [1, 2]: rank 0 on the first, 1-2 on the second)."""
         chosen = [self.hosts[i] for i in (range(len(self.hosts)) if hosts is None else hosts)]
-        return ["ip", "netns", "exec", self.login_netns, self.mpiexec_path,
-                "-launcher", "ssh", "-launcher-exec", str(LAUNCHER), "-localhost", self.login_address,
-                "-hosts", ",".join(h.address for h in chosen),
-                "-ppn", str(ranks_per_host), "-n", str(ranks_per_host * len(chosen)), *map(str, argv)]
+        launch = ["ip", "netns", "exec", self.login_netns, self.mpiexec_path,
+                  "-launcher", "ssh", "-launcher-exec", str(LAUNCHER), "-localhost", self.login_address]
+        if isinstance(ranks_per_host, int):
+            return [*launch, "-hosts", ",".join(h.address for h in chosen),
+                    "-ppn", str(ranks_per_host), "-n", str(ranks_per_host * len(chosen)), *map(str, argv)]
+        if len(ranks_per_host) != len(chosen) or min(ranks_per_host) < 1:
+            raise ValueError(f"ranks_per_host must give a positive count for each of the {len(chosen)} hosts, "
+                             f"got {ranks_per_host}")
+        return [*launch, "-hosts", ",".join(f"{h.address}:{count}" for h, count in zip(chosen, ranks_per_host)),
+                "-n", str(sum(ranks_per_host)), *map(str, argv)]
 
-    def start_mpiexec(self, argv: list, ranks_per_host: int = 1, hosts: list[int] | None = None,
+    def start_mpiexec(self, argv: list, ranks_per_host: int | list[int] = 1, hosts: list[int] | None = None,
                       timeout: float = 120, env: dict | None = None, mpiexec_timeout: float | None = None,
                       cwd: str | None = None) -> subprocess.Popen:
         """Start mpiexec_argv(...) and return at once: a Popen (bytes; stderr merged into stdout) in a
@@ -211,9 +219,9 @@ class FakeHosts:
         self._jobs.append(job)
         return job
 
-    def mpiexec(self, argv: list, ranks_per_host: int = 1, hosts: list[int] | None = None, timeout: float = 120,
-                env: dict | None = None, mpiexec_timeout: float | None = None, cwd: str | None = None,
-                check: bool = False) -> JobResult:
+    def mpiexec(self, argv: list, ranks_per_host: int | list[int] = 1, hosts: list[int] | None = None,
+                timeout: float = 120, env: dict | None = None, mpiexec_timeout: float | None = None,
+                cwd: str | None = None, check: bool = False) -> JobResult:
         """Run mpiexec_argv(...) to the end (see start_mpiexec for the timeouts) and return its result;
         with check=True raise RuntimeError (with the output) on a non-zero exit code."""
         command, job_env = self._job(argv, ranks_per_host, hosts, timeout, env, mpiexec_timeout)
@@ -259,6 +267,12 @@ class FakeHosts:
             stats = json.loads(_ip("-n", host.netns, "-s", "-j", "link", "show", "eth0"))[0]["stats64"]
             counters.append(LinkBytes(rx=stats["rx"]["bytes"], tx=stats["tx"]["bytes"]))
         return counters
+
+    def processes(self, index: int) -> list[int]:
+        """PIDs (root PID namespace) of every process of host `index` but its init: its jobs' proxies and ranks."""
+        host = self.hosts[index]
+        pids = {int(pid) for pid in _ip("netns", "pids", host.netns, check=False).split()}
+        return sorted(pids - {host.init_pid, self._holders[index].pid})
 
     def kill_host(self, index: int) -> int:
         """SIGKILL every process of host `index` but its init, as if its jobs crashed at once; return how
