@@ -312,7 +312,9 @@ class Trainer:
         watchdog.step_finished()
         self.last_eval = {"step": self.step, **result}
         if self.metrics is not None:
-            self.metrics.write({"kind": "eval", "step": self.step, "epoch": self.epoch, **result})
+            # the epoch (from 1, as printed) that this step belongs to, also after the epoch has ended
+            epoch = (self.step - 1) // self.steps_per_epoch + 1 if self.step else 1
+            self.metrics.write({"kind": "eval", "step": self.step, "epoch": epoch, **result})
 
     def check_replicas(self) -> None:
         """COLLECTIVE. Raise ReplicaMismatchError naming the first parameter whose bits differ across ranks."""
@@ -329,7 +331,7 @@ class Trainer:
         cfg = self.train_cfg
         samples_per_s = samples / seconds if seconds > 0 else 0.0
         if self.metrics is not None and self.step % cfg["log_every"] == 0:
-            self.metrics.write({"kind": "train", "step": self.step, "epoch": self.epoch, "loss": loss, "lr": lr,
+            self.metrics.write({"kind": "train", "step": self.step, "epoch": self.epoch + 1, "loss": loss, "lr": lr,
                                 "samples_per_s": samples_per_s, "compute_s": compute, "comm_s": comm_seconds,
                                 "optimizer_s": update, "step_s": seconds, "skipped_steps": self.skipped_steps})
         if self.progress.wants_line(self.step, cfg["log_every"]):
@@ -365,7 +367,12 @@ class Trainer:
                  f"test samples, global batch {cfg['batch_size']}, {self.steps_per_epoch} steps/epoch, "
                  f"{self.total_steps} steps in all; run dir {self.run_dir}"]
         if resumed_step is not None:
-            lines.append(f"resumed from {self.last_checkpoint_path} at step {resumed_step} (epoch {self.epoch})")
+            lines.append(f"resumed from {self.last_checkpoint_path} at step {resumed_step} (epoch {self.epoch + 1})")
+        elif self.comm.rank == 0 and ckpt.list_checkpoints(self.checkpoint_dir):
+            newest = ckpt.list_checkpoints(self.checkpoint_dir)[-1][0]
+            lines.append(f"note: {self.checkpoint_dir} holds checkpoints of an earlier run (up to step {newest}); this "
+                         f"run starts from the beginning, rewrites metrics.jsonl and replaces those checkpoints as it "
+                         f"saves (to continue that run instead: --resume)")
         for line in lines:
             self.progress.line(line, always=True)
 
