@@ -35,6 +35,24 @@ from .threads import apply_threads, choose_threads
 
 OPTIMIZERS = {"sgd": SGD, "adam": Adam, "adamw": AdamW}
 STOP_SIGNALS = (signal.SIGTERM, signal.SIGUSR1)
+_stop_signal = None  # the last stop signal received by this process and not yet acted on
+
+
+def catch_stop_signals() -> None:
+    """Record SIGTERM/SIGUSR1 instead of dying, so a signal that arrives before `fit()` (while the
+    data loads, say) still ends in a checkpoint at the first step boundary. The CLI calls it first."""
+    for sig in STOP_SIGNALS:
+        signal.signal(sig, _record_stop_signal)
+
+
+def _record_stop_signal(signum, frame) -> None:
+    global _stop_signal
+    _stop_signal = signum  # acted on at the next step boundary, agreed by all ranks
+
+
+def _forget_stop_signal() -> None:
+    global _stop_signal
+    _stop_signal = None
 
 
 class TrainingError(RuntimeError):
@@ -100,7 +118,6 @@ class Trainer:
         self.epoch_loss_sum, self.epoch_count, self.skipped_steps = 0.0, 0, 0
         self.last_checkpoint_step = self.last_checkpoint_path = None
         self.last_eval = {}
-        self._signal = None
         self.progress = Progress(self.total_steps, self.comm.rank == 0, cfg["progress"])
         self.metrics = None
 
@@ -120,7 +137,7 @@ class Trainer:
             self.metrics = MetricsFile(os.path.join(self.run_dir, "metrics.jsonl"), resumed)
         self._announce(resumed)
         watchdog = Watchdog(comm, cfg["watchdog_seconds"])
-        previous = {sig: signal.signal(sig, self._on_signal) for sig in STOP_SIGNALS}
+        previous = {sig: signal.signal(sig, _record_stop_signal) for sig in STOP_SIGNALS}
         started, samples_done, stopped = time.perf_counter(), 0, False
         try:
             while self.epoch < cfg["epochs"] and self.step < self.total_steps and not stopped:
@@ -148,7 +165,8 @@ class Trainer:
                         self._save(watchdog)
             if stopped:
                 self._save(watchdog)
-                name = signal.Signals(self._signal).name if self._signal else "a stop request"
+                name = signal.Signals(_stop_signal).name if _stop_signal else "a stop request"
+                _forget_stop_signal()
                 self.progress.line(f"received {name}: saved checkpoint {self.last_checkpoint_path} at step "
                                    f"{self.step}; resume with: disttrain train CONFIG --resume "
                                    f"(or Trainer.fit(resume=True))", always=True)
@@ -214,7 +232,7 @@ class Trainer:
         self.ddp.sync_gradients(grad_scale=1.0)  # every rank, even after a local failure
         grads_finite = math.isfinite(sum(float(np.sum(g)) for g in self.optimizer._grads()))
         t2 = time.perf_counter()
-        stats = np.array([loss_sum, local_count, failure is not None, self._signal is not None,
+        stats = np.array([loss_sum, local_count, failure is not None, _stop_signal is not None,
                           not grads_finite], dtype=np.float64)
         comm.allreduce(stats, "sum")
         if stats[2]:
@@ -260,9 +278,6 @@ class Trainer:
         messages = self.comm.allgather_object(local_message)
         rank, message = next((r, m) for r, m in enumerate(messages) if m)
         raise kind(f"{what} on rank {rank}: {message}")
-
-    def _on_signal(self, signum, frame) -> None:
-        self._signal = signum  # acted on at the next step boundary, agreed by all ranks
 
     # -------------------------------------------------------------------------------- evaluation
     def evaluate(self, dataset=None) -> dict:
