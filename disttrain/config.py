@@ -171,7 +171,9 @@ def validate(raw: dict, source: str = "config") -> dict:
     config = defaults()
     for section, values in raw.items():
         if section not in SCHEMA:
-            raise ConfigError(f"{source}: unknown section [{section}]; allowed sections: {', '.join(SCHEMA)}")
+            close = _closest(section, SCHEMA)
+            hint = f" (did you mean [{close}]?)" if close else ""
+            raise ConfigError(f"{source}: unknown section [{section}]{hint}; allowed sections: {', '.join(SCHEMA)}")
         if not isinstance(values, dict):
             raise ConfigError(f"{source}: [{section}] must be a table, got {values!r}")
         for key, value in values.items():
@@ -219,6 +221,7 @@ def load_config(path: str | None, overrides=()) -> dict:
             raise ConfigError(f"config file {path!r} is not valid TOML: {error}") from None
     for text in overrides:
         section, key, value = parse_override(text)
+        validate({section: {key: value}}, f"--set {text}")  # an error names the --set, not the file
         raw.setdefault(section, {})
         if not isinstance(raw[section], dict):
             raise ConfigError(f"--set {text!r}: [{section}] is not a table")
