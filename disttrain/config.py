@@ -203,7 +203,7 @@ def parse_override(text: str) -> tuple:
     try:
         value = tomllib.loads(f"v = {raw}")["v"]
     except tomllib.TOMLDecodeError:
-        value = raw
+        value = raw.strip()
     return section, key, value
 
 
