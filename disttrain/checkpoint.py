@@ -76,7 +76,8 @@ def _agree(comm, action, what: str):
         result, error = action(), None
     except Exception as exc:  # every failure must reach the other ranks, or they would wait forever
         result, error = None, f"{type(exc).__name__}: {exc}"
-        comm.error(f"{what} failed:\n{traceback.format_exc().rstrip()}")
+        if not isinstance(exc, CheckpointError):  # ours say what is wrong; anything else needs its traceback
+            comm.error(f"{what} failed:\n{traceback.format_exc().rstrip()}")
     outcomes = comm.allgather_object((error, result))
     for rank, (message, _) in enumerate(outcomes):
         if message is not None:

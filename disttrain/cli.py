@@ -11,6 +11,7 @@ import argparse
 import json
 import os
 import sys
+import time
 
 EPILOG = """examples:
   disttrain train examples/digits_mlp.toml                      one process
@@ -102,6 +103,11 @@ def _fail(comm, error: Exception, agreed: bool = True) -> int:
         print(f"disttrain: error: {error}", file=sys.stderr, flush=True)
     elif not agreed:
         comm.error(f"disttrain: error: {error}")
+    else:
+        # rank 0 prints the agreed message and its abort ends this rank too; aborting here first could
+        # kill rank 0 before it prints. Still alive after a while: rank 0 is not failing, say it here.
+        time.sleep(3)
+        comm.error(f"disttrain: error: {error}")
     if comm is not None and comm.size > 1:
         comm.abort(1)
     return 1
@@ -125,13 +131,19 @@ def _guarded(command):
 def build_run(config: dict, comm):
     """(model, train, test, loss_fn, task) for a validated config; checks the model accepts the data."""
     from . import models, nn
+    from .config import ConfigError
     from .datasets import load_data
 
     train, test, info = load_data(config["data"])
     nn.manual_seed(config["training"]["seed"])  # the same initial model on every rank
-    model = models.build_model(config["model"], info["input_shape"], info["classes"])
+    try:
+        model = models.build_model(config["model"], info["input_shape"], info["classes"])
+        check_model_fits(model, train, info)
+    except ConfigError:
+        raise
+    except ValueError as error:  # from the same config and data on every rank: an agreed error
+        raise ConfigError(str(error)) from None
     loss_fn = nn.SoftmaxLoss() if info["task"] == "classification" else nn.MSELoss()
-    check_model_fits(model, train, info)
     return model, train, test, loss_fn, info
 
 

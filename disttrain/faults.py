@@ -2,8 +2,9 @@
 
 DISTTRAIN_FAULT is a comma-separated list of `point:rank:step[:argument]`, e.g. `forward:1:3` (raise in
 the forward pass on rank 1 at step 3), `sleep:0:2:30` (sleep 30 s), `nan:1:4` (make the loss NaN),
-`kill:1:5` (SIGKILL this process). `step` may be `*` for any step. Points: data, forward, backward,
-checkpoint, sleep, nan, kill. Unset (the normal case), every check is one attribute test.
+`kill:1:5` (SIGKILL this process mid-step), `checkpoint:0:4:kill` (SIGKILL instead of raising at that
+point: here, while writing a checkpoint). `step` may be `*` for any step. Points: data, forward,
+backward, checkpoint, sleep, nan, kill. Unset (the normal case), every check is one attribute test.
 """
 
 from __future__ import annotations
@@ -44,5 +45,7 @@ class Faults:
             elif point == "nan":
                 return True
             else:
+                if argument == "kill":
+                    os.kill(os.getpid(), signal.SIGKILL)
                 raise InjectedFault(f"injected fault in {point} at step {step} (DISTTRAIN_FAULT)")
         return False

@@ -52,5 +52,8 @@ class Watchdog:
                 "not inside a collective (local compute or I/O is this slow)"
             self.comm.error(f"watchdog: step {step} has run for {elapsed:.1f} s, over the limit of "
                             f"{self.timeout:g} s (training.watchdog_seconds); {where}. Aborting the job.")
+            # the other ranks' watchdogs fire within a poll or two of this one: let them say where they
+            # wait, so the report names both the slow rank and the collective the others are stuck in
+            time.sleep(2 * self.poll + 0.5)
             self.comm.abort(1)
             return
