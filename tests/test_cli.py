@@ -59,7 +59,8 @@ def mpiexec_labelled(ranks, args, cwds, timeout=120, check=True, **env):
     for rank in range(ranks):
         argv += (([":"] if rank else []) + ["-n", "1", "-wdir", str(cwds[rank]), sys.executable, "-m",
                                             "disttrain", *map(str, args)])
-    return launch.run(argv, timeout=timeout, check=check, **env)
+    # hydra's own timeout fires first, so a hung job is ended with its ranks rather than orphaning them
+    return launch.run(argv, timeout=timeout, check=check, **dict({"MPIEXEC_TIMEOUT": timeout - 20}, **env))
 
 
 def read_metrics(run_dir):
@@ -275,7 +276,8 @@ def test_progress_on_a_terminal_is_one_live_line_with_loss_throughput_and_eta(tm
 def test_eval_reports_the_latest_checkpoints_test_metrics_on_any_number_of_ranks(run):
     final = [r for r in read_metrics(run["run_dir"]) if r["kind"] == "eval"][-1]
     for ranks in (0, 3):
-        proc = launch.disttrain("eval", run["checkpoints"], ranks=ranks, timeout=120, cwd=run["root"])
+        proc = launch.disttrain("eval", run["checkpoints"], ranks=ranks, timeout=120, cwd=run["root"],
+                                MPIEXEC_TIMEOUT=100)
         line = proc.stdout.strip()
         assert line.startswith(f"{os.path.join(run['checkpoints'], ckpt.step_dirname(STEPS))}: step {STEPS}, ")
         values = dict(part.split() for part in line.split(", ")[1:])
@@ -368,7 +370,7 @@ def _expected_threads(ranks_on_node):
 
 @pytest.mark.parametrize("ranks", [1, 2, 3])
 def test_info_reports_versions_mpi_world_and_blas_threads_of_cores_per_rank(ranks):
-    proc = launch.disttrain("info", ranks=ranks, timeout=120, **no_thread_variables())
+    proc = launch.disttrain("info", ranks=ranks, timeout=120, MPIEXEC_TIMEOUT=100, **no_thread_variables())
     text = proc.stdout
     expected = _expected_threads(ranks)
     assert text.startswith("disttrain 0.1.0; Python ") and f"numpy {np.__version__}" in text
@@ -383,7 +385,8 @@ def test_info_reports_versions_mpi_world_and_blas_threads_of_cores_per_rank(rank
 
 
 def test_info_and_train_honour_a_thread_count_the_user_set(tmp_path):
-    proc = launch.disttrain("info", ranks=2, timeout=120, **dict(no_thread_variables(), OMP_NUM_THREADS="1"))
+    proc = launch.disttrain("info", ranks=2, timeout=120, MPIEXEC_TIMEOUT=100,
+                            **dict(no_thread_variables(), OMP_NUM_THREADS="1"))
     assert "BLAS threads per rank: 1 ($OMP_NUM_THREADS)" in proc.stdout
     (tmp_path / "run.toml").write_text(CONFIG)
     proc = launch.disttrain("train", "run.toml", "--set", "training.threads=1", "--set", "training.epochs=1",

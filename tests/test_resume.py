@@ -101,8 +101,9 @@ RESHARD_CONFIG = _config('[model]\nname = "mlp"\nhidden = [16]\n', 'schedule = "
 
 def train(workdir, config, run_dir, ranks, *extra, **env):
     """`disttrain train` on `ranks` ranks (0: a plain process) in `workdir`; returns its stdout."""
+    # hydra's own timeout fires first, so a hung job is ended with its ranks rather than orphaning them
     return launch.disttrain("train", config, "--run-dir", run_dir, *extra, ranks=ranks, timeout=180,
-                            cwd=workdir, **env).stdout
+                            cwd=workdir, MPIEXEC_TIMEOUT=150, **env).stdout
 
 
 def records(run_dir, kinds=("train", "epoch", "eval")):
