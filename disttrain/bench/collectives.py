@@ -1,0 +1,44 @@
+"""Raw MPI collective times for a buffer of the model's size: the floor under a system's communication.
+
+Measured after the training steps, with mpi4py's buffer calls on a float32 buffer of `elements`
+(the padded flat size), each repetition started right after a barrier so that waiting is excluded.
+The report divides a system's measured communication time by these figures.
+"""
+
+from __future__ import annotations
+
+import statistics
+import time
+
+import numpy as np
+
+RAW_REPEATS = 15
+RAW_WARMUP = 3
+
+
+def raw_mpi_collectives(mpi_comm, elements: int, repeats: int = RAW_REPEATS) -> dict:
+    """COLLECTIVE. Median seconds on this rank of Reduce_scatter_block (out of place), in-place
+    Allgather and in-place Allreduce over `elements` float32 (rounded up to a multiple of the size)."""
+    from mpi4py import MPI
+
+    size = mpi_comm.Get_size()
+    elements = -(-int(elements) // size) * size
+    full = np.ones(elements, np.float32)
+    part = np.empty(elements // size, np.float32)
+    calls = {
+        "reduce_scatter_block": lambda: mpi_comm.Reduce_scatter_block(full, part, op=MPI.SUM),
+        "allgather_in_place": lambda: mpi_comm.Allgather(MPI.IN_PLACE, full),
+        "allreduce_in_place": lambda: mpi_comm.Allreduce(MPI.IN_PLACE, full, op=MPI.SUM),
+    }
+    result = {"elements": elements, "bytes": elements * 4}
+    for name, call in calls.items():
+        times = []
+        for i in range(RAW_WARMUP + repeats):
+            full.fill(1.0)
+            mpi_comm.Barrier()
+            start = time.perf_counter()
+            call()
+            if i >= RAW_WARMUP:
+                times.append(time.perf_counter() - start)
+        result[name] = statistics.median(times)
+    return result
