@@ -142,7 +142,8 @@ class Trainer:
         try:
             while self.epoch < cfg["epochs"] and self.step < self.total_steps and not stopped:
                 self.sampler.set_epoch(self.epoch)
-                epoch_started = time.perf_counter()
+                # samples trained by this process: a resumed epoch's earlier part took no time here
+                epoch_started, counted_before = time.perf_counter(), self.epoch_count
                 for group in self._groups():
                     samples_done += sum(count for _, count in group)
                     watchdog.step_started(self.step + 1)
@@ -160,7 +161,7 @@ class Trainer:
                 if stopped:
                     break
                 if self.sampler.consumed >= self.sampler.epoch_end(cfg["batch_size"]):
-                    self._end_epoch(time.perf_counter() - epoch_started, watchdog)
+                    self._end_epoch(time.perf_counter() - epoch_started, watchdog, self.epoch_count - counted_before)
                     if self.ckpt_cfg["every_epochs"] and self.epoch % self.ckpt_cfg["every_epochs"] == 0:
                         self._save(watchdog)
             if stopped:
@@ -352,9 +353,8 @@ class Trainer:
         if self.progress.wants_line(self.step, cfg["log_every"]):
             self.progress.step(self.step, self.epoch, loss, samples_per_s, lr)
 
-    def _end_epoch(self, seconds: float, watchdog) -> None:
+    def _end_epoch(self, seconds: float, watchdog, samples: int) -> None:
         train_loss = self.epoch_loss_sum / max(self.epoch_count, 1)
-        samples = self.epoch_count
         if self.train_cfg["eval_every"] == 0:
             self._evaluate_and_log(watchdog)
         self.epoch += 1

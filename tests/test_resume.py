@@ -5,7 +5,8 @@ the stop is agreed by all ranks and saves a checkpoint) and continued with `--re
 uninterrupted run BIT FOR BIT: every metrics record except timings (losses, learning rates, epoch
 train losses, test metrics) and the final parameters and Adam moments. The config uses a cosine
 schedule with warm-up and dropout, so the scheduler, sampler position and per-rank RNG must all be
-restored exactly.
+restored exactly. N = 1, 2, 3 stop mid-epoch (step 10); N = 2 also stops on an epoch's last step (7),
+before the end-of-epoch evaluation, which the resumed run must then do.
 
 Resharding: a run stopped by training.max_steps on N ranks resumes on M ranks, (N, M) in (4, 3),
 (2, 1), (1, 3), (3, 2), with Adam under ZeRO-1 and small gradient buckets (several owned ranges per
@@ -126,39 +127,48 @@ def latest(run_dir):
 
 
 # --------------------------------------------------------------------------- same world size, exact
+SAME_WORLD_CASES = [(1, STOP_STEP), (2, STOP_STEP), (3, STOP_STEP), (2, 7)]  # (ranks, step stopped at)
+
+
 @pytest.fixture(scope="module")
 def same_world(tmp_path_factory):
-    """{ranks: (uninterrupted run dir, interrupted-then-resumed run dir, outputs)} for N = 1, 2, 3."""
+    """{(ranks, stop step): (uninterrupted run dir, interrupted-then-resumed run dir, outputs)}."""
     workdir = tmp_path_factory.mktemp("resume")
     (workdir / "stopper.py").write_text(STOPPER)
     (workdir / "run.toml").write_text(SAME_WORLD_CONFIG)
     runs = {}
-    for ranks in (1, 2, 3):
-        whole, pieces = str(workdir / f"whole-{ranks}"), str(workdir / f"pieces-{ranks}")
-        train(workdir, "run.toml", whole, ranks)
-        stopped = train(workdir, "run.toml", pieces, ranks, STOP_AT_STEP=STOP_STEP, STOP_RANK=ranks - 1)
-        stopped_records = records(pieces, ("train",))
+    for ranks, stop in SAME_WORLD_CASES:
+        whole, pieces = str(workdir / f"whole-{ranks}"), str(workdir / f"pieces-{ranks}-{stop}")
+        if not os.path.isdir(whole):
+            train(workdir, "run.toml", whole, ranks)
+        stopped = train(workdir, "run.toml", pieces, ranks, STOP_AT_STEP=stop, STOP_RANK=ranks - 1)
+        stopped_records = records(pieces, ("train", "epoch", "eval"))
         stopped_latest = latest(pieces)
         resumed = train(workdir, "run.toml", pieces, ranks, "--resume")
-        runs[ranks] = (whole, pieces, {"stopped": stopped, "stopped_records": stopped_records,
-                                        "stopped_latest": stopped_latest, "resumed": resumed})
+        with open(os.path.join(pieces, "metrics.jsonl")) as handle:
+            epoch_records = [r for r in map(json.loads, handle) if r["kind"] == "epoch"]
+        runs[ranks, stop] = (whole, pieces, {"stopped": stopped, "stopped_records": stopped_records,
+                                              "stopped_latest": stopped_latest, "resumed": resumed,
+                                              "epoch_records": epoch_records})
     return runs
 
 
-@pytest.mark.parametrize("ranks", [1, 2, 3])
-def test_sigusr1_on_one_rank_stops_every_rank_at_the_same_step_with_a_checkpoint(same_world, ranks):
-    _, _, out = same_world[ranks]
+@pytest.mark.parametrize("ranks, stop", SAME_WORLD_CASES)
+def test_sigusr1_on_one_rank_stops_every_rank_at_the_same_step_with_a_checkpoint(same_world, ranks, stop):
+    _, _, out = same_world[ranks, stop]
     # rank 0 names the signal when it received it itself; another rank's signal reaches it as agreement
     received = "SIGUSR1" if ranks == 1 else "a stop request"
-    assert f"received {received}: saved checkpoint" in out["stopped"] and f"at step {STOP_STEP};" in out["stopped"]
-    assert out["stopped_latest"] == ckpt.step_dirname(STOP_STEP)
-    assert [r["step"] for r in out["stopped_records"]] == list(range(1, STOP_STEP + 1))
-    assert "resumed from " in out["resumed"] and f"at step {STOP_STEP}" in out["resumed"]
+    assert f"received {received}: saved checkpoint" in out["stopped"] and f"at step {stop};" in out["stopped"]
+    assert out["stopped_latest"] == ckpt.step_dirname(stop)
+    assert [r["step"] for r in out["stopped_records"] if r["kind"] == "train"] == list(range(1, stop + 1))
+    # the epoch end (evaluation, epoch record) of the stop step is left to the resumed run
+    assert all(r["step"] < stop for r in out["stopped_records"] if r["kind"] != "train")
+    assert "resumed from " in out["resumed"] and f"at step {stop} (epoch {(stop - 1) // 7 + 1})" in out["resumed"]
 
 
-@pytest.mark.parametrize("ranks", [1, 2, 3])
-def test_resumed_run_matches_uninterrupted_run_bit_for_bit_on_the_same_world_size(same_world, ranks):
-    whole, pieces, _ = same_world[ranks]
+@pytest.mark.parametrize("ranks, stop", SAME_WORLD_CASES)
+def test_resumed_run_matches_uninterrupted_run_bit_for_bit_on_the_same_world_size(same_world, ranks, stop):
+    whole, pieces, _ = same_world[ranks, stop]
     expected, got = records(whole), records(pieces)
     assert [r["step"] for r in got if r["kind"] == "train"] == list(range(1, TOTAL_STEPS + 1))
     assert len([r for r in got if r["kind"] == "eval"]) == 3
@@ -178,9 +188,19 @@ def test_resumed_run_matches_uninterrupted_run_bit_for_bit_on_the_same_world_siz
     assert manifest_pieces["optimizer"]["scalars"] == manifest_whole["optimizer"]["scalars"] == {"step": TOTAL_STEPS}
 
 
+@pytest.mark.parametrize("stop, samples_by_epoch", [(STOP_STEP, [203, 107, 203]), (7, [0, 203, 203])])
+def test_epoch_throughput_after_a_resume_counts_only_samples_trained_since(same_world, stop, samples_by_epoch):
+    # the epoch record's samples/s is over the time this process spent on the epoch: samples from
+    # before the stop (steps 8-10 of epoch 2: 96 samples; all of epoch 1) must not be counted in it
+    _, _, out = same_world[2, stop]
+    records_ = out["epoch_records"]
+    assert [r["step"] for r in records_] == [7, 14, 21]
+    assert [round(r["samples_per_s"] * r["seconds"]) for r in records_] == samples_by_epoch
+
+
 def test_checkpoints_record_each_ranks_own_dropout_rng_state(same_world):
     # with dropout drawing from it, a resumed rank that did not get its own RNG back would differ above
-    whole, _, _ = same_world[2]
+    whole, _, _ = same_world[2, STOP_STEP]
     with open(os.path.join(whole, "checkpoints", ckpt.step_dirname(20), ckpt.MANIFEST)) as handle:
         states = json.load(handle)["rng_states"]
     assert len(states) == 2 and states[0] != states[1]
