@@ -382,7 +382,9 @@ class Trainer:
                  f"test samples, global batch {cfg['batch_size']}, {self.steps_per_epoch} steps/epoch, "
                  f"{self.total_steps} steps in all; run dir {self.run_dir}"]
         if resumed_step is not None:
-            lines.append(f"resumed from {self.last_checkpoint_path} at step {resumed_step} (epoch {self.epoch + 1})")
+            where = (f"epoch {self.epoch + 1}" if resumed_step < self.total_steps and self.epoch < cfg["epochs"]
+                     else "the run is already complete: nothing to train")
+            lines.append(f"resumed from {self.last_checkpoint_path} at step {resumed_step} ({where})")
         elif self.comm.rank == 0 and ckpt.list_checkpoints(self.checkpoint_dir):
             newest = ckpt.list_checkpoints(self.checkpoint_dir)[-1][0]
             lines.append(f"note: {self.checkpoint_dir} holds checkpoints of an earlier run (up to step {newest}); this "

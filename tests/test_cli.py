@@ -413,7 +413,7 @@ def test_threads_per_rank_are_the_node_cores_divided_by_the_ranks_on_it(monkeypa
 
 
 # ------------------------------------------------------------------------------- fresh run, old dir
-def test_a_fresh_run_in_a_run_dir_with_checkpoints_says_so_and_replaces_them(tmp_path):
+def test_training_again_in_a_run_dir_notes_old_checkpoints_or_resumes_or_says_the_run_is_complete(tmp_path):
     (tmp_path / "run.toml").write_text(CONFIG)
     launch.disttrain("train", "run.toml", "--run-dir", "run", timeout=120, cwd=tmp_path)
     checkpoints = str(tmp_path / "run" / "checkpoints")
@@ -430,3 +430,7 @@ def test_a_fresh_run_in_a_run_dir_with_checkpoints_says_so_and_replaces_them(tmp
 
     proc = launch.disttrain("train", "run.toml", "--run-dir", "run", "--resume", timeout=120, cwd=tmp_path)
     assert "note:" not in proc.stdout and "resumed from run/checkpoints/step-00000007 at step 7 (epoch 2)" in proc.stdout
+    assert max(r["step"] for r in read_metrics(tmp_path / "run")) == STEPS
+
+    proc = launch.disttrain("train", "run.toml", "--run-dir", "run", "--resume", timeout=120, cwd=tmp_path)
+    assert "at step 21 (the run is already complete: nothing to train)" in proc.stdout
