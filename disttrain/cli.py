@@ -79,6 +79,8 @@ def _parser() -> argparse.ArgumentParser:
                                 add_help=False)
     bench.add_argument("rest", nargs=argparse.REMAINDER)
     bench.set_defaults(run=_bench)
+    for choice in commands._choices_actions:  # each command's own --help opens with what it does
+        commands.choices[choice.dest].description = commands.choices[choice.dest].description or choice.help
     return parser
 
 

@@ -106,10 +106,13 @@ def test_no_command_prints_the_help_and_exits_2(capsys):
     assert "usage: disttrain" in capsys.readouterr().out
 
 
-@pytest.mark.parametrize("command, expected", [("train", ["--set SECTION.KEY=VALUE", "--resume", "--run-dir"]),
-                                               ("eval", ["run directory"]), ("export", ["--optimizer"]),
-                                               ("plot", ["--output"]), ("info", []),
-                                               ("config", [])])
+@pytest.mark.parametrize("command, expected", [
+    ("train", ["train a model described by a TOML config", "--set SECTION.KEY=VALUE", "--resume", "--run-dir"]),
+    ("eval", ["evaluate the latest (or a given) checkpoint", "run directory"]),
+    ("export", ["plain .npz", "--optimizer"]),
+    ("plot", ["(needs matplotlib)", "--output"]),
+    ("info", ["versions, MPI library, world size"]),
+    ("config", ["every config key with its default"])])
 def test_every_command_has_its_own_help(capsys, command, expected):
     with pytest.raises(SystemExit) as exit_info:
         cli.main([command, "--help"])
