@@ -10,6 +10,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import signal
 import sys
 import time
 
@@ -187,6 +188,11 @@ def _train(args) -> int:
         trainer = Trainer(model, train, loss_fn, test, comm, config["optimizer"], config["training"],
                           config["checkpoint"], config=config, task=info["task"])
         summary = trainer.fit(resume=args.resume)
+        # the work is saved: a stop signal from now on is moot. Ignore it, or it meets the default action
+        # (Python restores it at exit, while MPI_Finalize still runs) and a finished job exits 15, not 0
+        from .trainer import STOP_SIGNALS
+        for sig in STOP_SIGNALS:
+            signal.signal(sig, signal.SIG_IGN)
         if comm.rank == 0 and not summary["stopped"]:
             parts = [f"{summary['steps']} steps in {summary['seconds']:.1f} s",
                      f"{summary['samples_per_s']:,.0f} samples/s"]
