@@ -25,7 +25,7 @@ install: $(STAMP)
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install --quiet --upgrade pip
-	$(BIN)/python -m pip install --quiet -e '.[mpich,test,fast]'
+	$(BIN)/python -m pip install --quiet -e '.[mpich,test,fast,plot]'
 	touch $(STAMP)
 
 run: install
