@@ -105,6 +105,28 @@ def test_bench_without_torch_says_how_to_install_it_and_skips_only_torch(tmp_pat
         assert results[label]["reason"] == "torch not installed: run make bench-deps"
 
 
+def test_a_run_that_fails_in_one_round_is_reported_from_the_others_and_fails_the_exit_code(tmp_path, monkeypatch, capsys):
+    real_launch, calls = runner.launch, []
+
+    def launch_failing_numpy_in_round_two(name, ranks, *args, **kwargs):
+        calls.append(name)
+        if name == "numpy" and calls.count("numpy") == 2:
+            return {"ok": False, "error": "exit code 9:\nkilled by the test"}
+        return real_launch(name, ranks, *args, **kwargs)
+    monkeypatch.setattr(runner, "launch", launch_failing_numpy_in_round_two)
+    out = tmp_path / "bench.json"
+    argv = [*TINY, "--rounds", "2", "--systems", "disttrain-zero1,numpy", "--ranks", "1", "--json", str(out)]
+    assert runner.main(argv) == 1
+    assert "numpy@1" in capsys.readouterr().out
+    with open(out) as f:
+        result = json.load(f)
+    numpy_entry = next(r for r in result["results"] if r["label"] == "numpy@1")
+    assert numpy_entry["status"] == "ok" and numpy_entry["rounds_measured"] == [0]
+    assert numpy_entry["failed_rounds"] and numpy_entry["failed_rounds"][0].startswith("round 2")
+    row = next(r for r in result["ratios"] if r["name"] == "disttrain-zero1@1 / numpy@1")
+    assert len(row["throughput_ratio_per_round"]) == 1  # only the round both systems completed
+
+
 def test_waiting_is_the_time_until_the_last_rank_enters_the_collective():
     def rank(enter, leave):
         return {"hostname": "h", "recorder": {"phases": ["forward", "sync"],

@@ -108,15 +108,16 @@ def quick_samples_per_s(ranks_data: list) -> float:
     return batch / statistics.median(s["step_s"] for s in steps) if steps else float("nan")
 
 
-def summarise_system(name: str, ranks: int, rounds: list) -> dict:
-    """Everything the report says about one (system, ranks) from its rounds of rank records."""
+def summarise_system(name: str, ranks: int, indexed_rounds: list) -> dict:
+    """Everything the report says about one (system, ranks) from [(round index, rank records), ...]."""
     system = SYSTEMS[name]
+    rounds = [ranks_data for _, ranks_data in indexed_rounds]
     batch = rounds[0][0]["workload"]["global_batch"]
-    pooled, per_round = [], []
-    for ranks_data in rounds:
+    pooled, per_round = [], {}
+    for round_index, ranks_data in indexed_rounds:
         steps = analyse_steps(ranks_data, system.comm_measured)
         pooled.extend(steps)
-        per_round.append(batch / statistics.median(s["step_s"] for s in steps))
+        per_round[round_index] = batch / statistics.median(s["step_s"] for s in steps)
     speeds = [batch / s["step_s"] for s in pooled]
     step_times = [s["step_s"] for s in pooled]
     breakdown = {c: _median_or_none([s["breakdown"][c] for s in pooled]) for c in CATEGORIES}
@@ -142,7 +143,8 @@ def summarise_system(name: str, ranks: int, rounds: list) -> dict:
         "samples_per_s": {"median": statistics.median(speeds), "min": min(speeds), "max": max(speeds),
                           "p90": _upper_decile(speeds),
                           "mean_over_wall": batch * len(step_times) / sum(step_times)},
-        "samples_per_s_per_round": per_round,
+        "samples_per_s_per_round": [per_round[i] for i in sorted(per_round)],
+        "rounds_measured": sorted(per_round),
         "samples_per_s_steps": speeds,
         "step_s": {"median": statistics.median(step_times), "min": min(step_times), "max": max(step_times)},
         "breakdown_s": breakdown,
@@ -186,18 +188,25 @@ def describe_blas(rank_data: dict) -> str:
     return ", ".join(parts) or "unknown"
 
 
-def summarise(config: dict, runs: list, results: dict, skipped: list, failures: dict) -> dict:
-    """The whole report as a JSON-ready dict."""
+def summarise(config: dict, runs: list, results: dict, skipped: list, failures: dict,
+              warnings: dict | None = None) -> dict:
+    """The whole report as a JSON-ready dict. `results[(name, ranks)]` is [(round index, rank records)];
+    `failures` and `warnings` map (name, ranks) to ["round i: what happened", ...]."""
     systems = []
+    warnings = warnings or {}
     for name, ranks in runs:
-        if (name, ranks) in failures or not results.get((name, ranks)):
-            systems.append({"system": name, "ranks": ranks, "label": f"{name}@{ranks}", "name": f"{name}@{ranks}", "status": "failed",
-                            "reason": failures.get((name, ranks), "no result")})
-        else:
-            systems.append(summarise_system(name, ranks, results[(name, ranks)]))
+        label = f"{name}@{ranks}"
+        if not results.get((name, ranks)):
+            systems.append({"system": name, "ranks": ranks, "label": label, "name": label, "status": "failed",
+                            "reason": "\n".join(failures.get((name, ranks), ["no result"]))})
+            continue
+        entry = summarise_system(name, ranks, results[(name, ranks)])
+        entry["failed_rounds"] = failures.get((name, ranks), [])
+        entry["warnings"] = warnings.get((name, ranks), [])
+        systems.append(entry)
     for name, ranks, reason in skipped:
-        systems.append({"system": name, "ranks": ranks, "label": f"{name}@{ranks}", "name": f"{name}@{ranks}", "status": "skipped",
-                        "reason": reason})
+        systems.append({"system": name, "ranks": ranks, "label": f"{name}@{ranks}", "name": f"{name}@{ranks}",
+                        "status": "skipped", "reason": reason})
     ok = {(s["system"], s["ranks"]): s for s in systems if s["status"] == "ok"}
     first_losses = [s["loss_first"] for s in ok.values()]
     return {
@@ -222,7 +231,9 @@ def ratios(ok: dict, config: dict) -> list:
         for (other, other_ranks), theirs in ok.items():
             if other_ranks != ranks or SYSTEMS[other].module == "library":
                 continue
-            paired = [a / b for a, b in zip(mine["samples_per_s_per_round"], theirs["samples_per_s_per_round"])]
+            a_rounds = dict(zip(mine["rounds_measured"], mine["samples_per_s_per_round"]))
+            b_rounds = dict(zip(theirs["rounds_measured"], theirs["samples_per_s_per_round"]))
+            paired = [a_rounds[i] / b_rounds[i] for i in sorted(set(a_rounds) & set(b_rounds))]
             opt_a, opt_b = mine["breakdown_s"]["optimizer"], theirs["breakdown_s"]["optimizer"]
             target = targets.get((name, ranks, other, other_ranks))
             pooled = mine["samples_per_s"]["median"] / theirs["samples_per_s"]["median"]
@@ -230,7 +241,7 @@ def ratios(ok: dict, config: dict) -> list:
                          "denominator": theirs["label"], "throughput_ratio": pooled,
                          "throughput_ratio_p90": mine["samples_per_s"]["p90"] / theirs["samples_per_s"]["p90"],
                          "throughput_ratio_per_round": paired,
-                         "throughput_ratio_round_median": statistics.median(paired),
+                         "throughput_ratio_round_median": statistics.median(paired) if paired else None,
                          "optimizer_time_ratio": opt_a / opt_b if opt_b else None,
                          "target": target, "meets_target": None if target is None else pooled >= target})
     return rows
@@ -271,7 +282,10 @@ def format_table(summary: dict) -> str:
     lines.append("(breakdown in ms: median over steps of the mean over ranks; comm/wait '(bwd)': inside DDP's backward)")
     for s in summary["results"]:
         if s["status"] != "ok":
-            lines.append(f"{s['label']:<22}{s['status'].upper()}: {s['reason'].splitlines()[0] if s['reason'] else ''}")
+            lines.append(f"{s['label']:<22}{s['status'].upper()}: {_brief(s['reason'])}")
+        for kind in ("failed_rounds", "warnings"):
+            for text in s.get(kind, []):
+                lines.append(f"{s['label']:<22}{'failed' if kind == 'failed_rounds' else 'warning'} in {_brief(text)}")
 
     blas = {}
     for s in summary["results"]:
@@ -349,6 +363,12 @@ def _mean(values):
 def _median_or_none(values):
     values = [v for v in values if v is not None]
     return statistics.median(values) if values else None
+
+
+def _brief(text: str) -> str:
+    """The first and last non-empty lines of an error text (its summary and its final message)."""
+    lines = [line.strip() for line in (text or "").splitlines() if line.strip()]
+    return " / ".join(lines[:1] + lines[-1:]) if len(lines) > 1 else (lines[0] if lines else "")
 
 
 def _upper_decile(values) -> float:

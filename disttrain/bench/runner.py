@@ -167,9 +167,7 @@ def launch(name: str, ranks: int, workload: Workload, args, threads: int, out_pr
     except subprocess.TimeoutExpired as error:
         return {"ok": False, "error": f"timed out after {args.timeout + 30:.0f} s\n{error.stderr or ''}"}
     seconds = time.monotonic() - started
-    if proc.returncode != 0:
-        tail = "\n".join((proc.stderr or proc.stdout).strip().splitlines()[-25:])
-        return {"ok": False, "error": f"exit code {proc.returncode}:\n{tail}"}
+    tail = "\n".join((proc.stderr or proc.stdout or "").strip().splitlines()[-25:])
     ranks_data = []
     for rank in range(ranks):
         path = f"{out_prefix}.rank{rank}.json"
@@ -177,12 +175,18 @@ def launch(name: str, ranks: int, workload: Workload, args, threads: int, out_pr
             with open(path) as result:
                 ranks_data.append(json.load(result))
         except (OSError, ValueError) as error:
-            return {"ok": False, "error": f"rank {rank} wrote no readable result ({error})"}
-    return {"ok": True, "ranks_data": ranks_data, "launch_seconds": seconds}
+            reason = (f"exit code {proc.returncode}" if proc.returncode
+                      else f"rank {rank} wrote no readable result ({error})")
+            return {"ok": False, "error": f"{reason}:\n{tail}" if tail else reason}
+    outcome = {"ok": True, "ranks_data": ranks_data, "launch_seconds": seconds}
+    if proc.returncode != 0:  # every rank had written its result: only the teardown failed
+        outcome["warning"] = f"exit code {proc.returncode} after every rank wrote its result: {tail}"
+    return outcome
 
 
 def main(argv=None) -> int:
-    """Run the benchmark; print the table; write the JSON. Exit code 1 if any run failed."""
+    """Run the benchmark; print the table; write the JSON. Exit code 1 if any run failed (a system whose
+    run failed in some rounds is still reported from the others, and tried again in each round)."""
     args = parse_args(argv)
     workload = make_workload(args)
     names = [n.strip() for n in args.systems.split(",") if n.strip()]
@@ -211,26 +215,26 @@ def main(argv=None) -> int:
 
     load_before = os.getloadavg()[0] if hasattr(os, "getloadavg") else None
     results = {run: [] for run in runs}
-    failures = {}
+    failures, warnings = {}, {}  # (name, ranks) -> ["round i: what happened", ...]
     workdir = tempfile.mkdtemp(prefix="disttrain-bench-")
     try:
         for round_index in range(args.rounds):
             for name, ranks in runs:
-                if (name, ranks) in failures:
-                    continue
                 threads = max(1, cores // ranks)
                 prefix = os.path.join(workdir, f"r{round_index}-{name}-{ranks}")
                 outcome = launch(name, ranks, workload, args, threads, prefix)
+                where = f"round {round_index + 1}/{args.rounds}  {name}@{ranks}"
                 if outcome["ok"]:
-                    results[(name, ranks)].append(outcome["ranks_data"])
+                    results[(name, ranks)].append((round_index, outcome["ranks_data"]))
+                    if outcome.get("warning"):
+                        warnings.setdefault((name, ranks), []).append(f"round {round_index + 1}: {outcome['warning']}")
+                        print(f"{where} warning: {outcome['warning']}", file=sys.stderr, flush=True)
                     if not args.quiet:
                         speed = report.quick_samples_per_s(outcome["ranks_data"])
-                        print(f"round {round_index + 1}/{args.rounds}  {name}@{ranks} x{threads} thr: "
-                              f"{speed:,.0f} samples/s", file=sys.stderr, flush=True)
+                        print(f"{where} x{threads} thr: {speed:,.0f} samples/s", file=sys.stderr, flush=True)
                 else:
-                    failures[(name, ranks)] = outcome["error"]
-                    print(f"round {round_index + 1}/{args.rounds}  {name}@{ranks} FAILED: {outcome['error']}",
-                          file=sys.stderr, flush=True)
+                    failures.setdefault((name, ranks), []).append(f"round {round_index + 1}: {outcome['error']}")
+                    print(f"{where} FAILED: {outcome['error']}", file=sys.stderr, flush=True)
     finally:
         shutil.rmtree(workdir, ignore_errors=True)
 
@@ -243,7 +247,7 @@ def main(argv=None) -> int:
               "profile_dir": os.path.abspath(args.profile) if args.profile else None,
               "order": [f"{name}@{ranks}" for name, ranks in runs], "source": source_version(),
               "load_average": [load_before, os.getloadavg()[0]] if load_before is not None else None}
-    summary = report.summarise(config, runs, results, skipped, failures)
+    summary = report.summarise(config, runs, results, skipped, failures, warnings)
     print(report.format_table(summary))
     if args.profile:
         print(report.format_profiles(args.profile))

@@ -126,6 +126,7 @@ class TorchSystem:
 
     def close(self) -> None:
         if self.variant != "plain" and self.dist.is_initialized():
+            self.dist.barrier()  # no rank tears down (rank 0 hosts the TCP store) while another still talks
             self.dist.destroy_process_group()
 
 

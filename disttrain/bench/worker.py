@@ -59,7 +59,8 @@ def build(system, workload, rank, ranks, recorder, options):
     return torch_ddp.make(system.variant, workload, rank, ranks, recorder, options)
 
 
-def run(args) -> dict:
+def run(args) -> tuple:
+    """Build and measure the system; returns (the system, this rank's result as a dict)."""
     rank = int(os.environ.get("PMI_RANK", "0"))
     ranks = int(os.environ.get("PMI_SIZE", "1"))
     if ranks != args.ranks:
@@ -98,9 +99,7 @@ def run(args) -> dict:
         profiler.dump_stats(f"{args.profile}.rank{rank}.prof")
 
     raw = instance.raw_collectives()
-    if hasattr(instance, "close"):
-        instance.close()
-    return {
+    return instance, {
         "system": system.name, "rank": rank, "ranks": ranks, "workload": workload.to_dict(),
         "warmup": args.warmup, "steps": args.steps, "threads": args.threads,
         "blas": blas_info(), "recorder": recorder.to_dict(), "losses": losses,
@@ -132,11 +131,13 @@ def parse_args(argv=None):
 
 def main(argv=None) -> int:
     args = parse_args(argv)
-    result = run(args)
+    instance, result = run(args)
     path = f"{args.out}.rank{result['rank']}.json"
     with open(path + ".tmp", "w") as out:
         json.dump(result, out)
     os.replace(path + ".tmp", path)
+    if hasattr(instance, "close"):  # after the result is safe: a teardown crash costs no measurement
+        instance.close()
     return 0
 
 
