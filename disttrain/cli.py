@@ -176,7 +176,9 @@ def check_model_fits(model, dataset, info: dict) -> None:
 
 def _train(args) -> int:
     from .config import load_config
-    from .trainer import Trainer
+    from .trainer import Trainer, catch_stop_signals
+
+    catch_stop_signals()  # a batch system's warning signal may come while the data loads
 
     overrides = list(args.set) + ([f"training.run_dir={json.dumps(args.run_dir)}"] if args.run_dir else [])
 
