@@ -18,6 +18,9 @@ import os
 import numpy as np
 
 CHUNK_ELEMENTS = 32768  # 128 KiB of float32: measured fastest for the chunked numpy path
+# Below this many elements numpy is as quick, and small models never pay numba's import (~0.5 s)
+# and memory (~110 MiB per process). Safe to switch per call: both paths give the same bits.
+NUMBA_MIN_ELEMENTS = 1 << 17
 _kernels = None  # None: not looked up yet; False: numba unavailable; else a dict of compiled kernels
 
 
@@ -37,7 +40,7 @@ def sgd_update(p, g, u, c: dict) -> None:
 
     1-D contiguous arrays of one dtype; `c` from constants(momentum, one_minus_momentum, decay_factor, lr).
     """
-    kernels = _numba_kernels()
+    kernels = _numba_kernels() if p.size >= NUMBA_MIN_ELEMENTS else False
     if kernels:
         if u is None:
             kernels["sgd_plain"](p, g, c["decay_factor"], c["lr"])
@@ -65,7 +68,7 @@ def adam_update(p, g, m, v, c: dict) -> None:
     (l2 = weight decay for Adam, 0 for AdamW; decay_factor = 1 - lr*weight decay for AdamW, 1 for Adam.)
     1-D contiguous arrays of one dtype; `c` from constants(...) with those names.
     """
-    kernels = _numba_kernels()
+    kernels = _numba_kernels() if p.size >= NUMBA_MIN_ELEMENTS else False
     if kernels:
         kernels["adam"](p, g, m, v, c["l2"], c["decay_factor"], c["b1"], c["one_minus_b1"], c["b2"],
                         c["one_minus_b2"], c["lr"], c["correction1"], c["correction2"], c["eps"])
