@@ -152,7 +152,10 @@ class Trainer:
                     if stop:
                         stopped = True
                         break
-                    if self.ckpt_cfg["every_steps"] and self.step % self.ckpt_cfg["every_steps"] == 0:
+                    # on an epoch's last step, save after the epoch ends (below): a checkpoint taken before
+                    # would make a resumed run write that epoch's eval and epoch records a second time
+                    if self.ckpt_cfg["every_steps"] and self.step % self.ckpt_cfg["every_steps"] == 0 and \
+                            self.sampler.consumed < self.sampler.epoch_end(cfg["batch_size"]):
                         self._save(watchdog)
                     if cfg["eval_every"] and self.step % cfg["eval_every"] == 0:
                         self._evaluate_and_log(watchdog)
@@ -162,7 +165,8 @@ class Trainer:
                     break
                 if self.sampler.consumed >= self.sampler.epoch_end(cfg["batch_size"]):
                     self._end_epoch(time.perf_counter() - epoch_started, watchdog, self.epoch_count - counted_before)
-                    if self.ckpt_cfg["every_epochs"] and self.epoch % self.ckpt_cfg["every_epochs"] == 0:
+                    if (self.ckpt_cfg["every_epochs"] and self.epoch % self.ckpt_cfg["every_epochs"] == 0) or \
+                            (self.ckpt_cfg["every_steps"] and self.step % self.ckpt_cfg["every_steps"] == 0):
                         self._save(watchdog)
             if stopped:
                 self._save(watchdog)

@@ -2,18 +2,19 @@
 """Soak test: a long multi-rank run, repeatedly hit by SIGTERM or SIGKILL of a random rank and
 resumed, must end exactly where an uninterrupted run ends.
 
-    python scripts/soak.py                   # 4 ranks, 4000 steps, a fault every 2-8 s (~5-10 min here)
-    python scripts/soak.py --steps 600       # a quick one
+    python scripts/soak.py                          # 4 ranks, 6 minutes of 3000-step rounds
+    python scripts/soak.py --rounds 1 --steps 600   # a quick one
     python scripts/soak.py --help
 
-What it does: trains the uninterrupted reference (synthetic data, MLP, Adam, checkpoints every few
-steps), then trains the same run again, and while it runs sends SIGTERM (save, exit 0) or SIGKILL (die
+Each round trains an uninterrupted reference (synthetic data, MLP, Adam, checkpoints every few steps),
+then trains the same run again, and while it runs sends SIGTERM (save, exit 0) or SIGKILL (die
 now) to a random rank - or SIGTERM to mpiexec, which forwards it to every rank - after a random wait,
 then resumes with `--resume`; repeated until the run completes. After every fault it checks that the
 job ended within seconds with the right exit code, that no process of the job is left behind, and that
-the resume continued from the newest complete checkpoint. At the end the final parameters and optimizer
-state must equal the reference's bit for bit, and so must the loss at every step. Prints how many faults
-were injected and survived; exits 1 on any failure.
+the resume continued from the newest complete checkpoint. At the end of the round the final parameters
+and optimizer state must equal the reference's bit for bit, and so must the loss at every step. Rounds
+(each with the next seed) start until --minutes have passed. Prints how many faults were injected and
+survived; exits 1 on any failure.
 """
 
 from __future__ import annotations
@@ -46,6 +47,7 @@ name = "synthetic"
 samples = 1250
 features = 32
 classes = 10
+seed = {seed}
 
 [optimizer]
 name = "adam"
@@ -55,6 +57,7 @@ lr = 0.002
 epochs = 100000
 max_steps = {steps}
 batch_size = 64
+seed = {seed}
 log_every = 1
 progress = "lines"
 
@@ -219,9 +222,9 @@ def run_reference(options, config: str, run_dir: str, logs: str) -> float:
     return time.monotonic() - started
 
 
-def soak(options, config: str, run_dir: str, logs: str) -> dict:
+def soak(options, config: str, run_dir: str, logs: str, seed: int) -> dict:
     """Train `run_dir` to the end under random faults; returns the counts."""
-    rng = random.Random(options.seed)
+    rng = random.Random(seed)
     counts = {"injected": 0, "survived": 0, "SIGTERM": 0, "SIGKILL": 0, "to mpiexec": 0, "restarts": 0,
               "end_seconds": []}
     attempt = 0
@@ -298,15 +301,18 @@ def _check_resume(output: str, attempt: int, expected_step, log: str) -> None:
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--minutes", type=float, default=6.0,
+                        help="start new rounds until this much time has passed (default 6)")
+    parser.add_argument("--rounds", type=int, default=0, help="stop after this many rounds (default: by --minutes)")
     parser.add_argument("--ranks", type=int, default=4, help="MPI ranks (default 4)")
-    parser.add_argument("--steps", type=int, default=4000, help="optimizer steps of the run (default 4000)")
+    parser.add_argument("--steps", type=int, default=3000, help="optimizer steps of each round's run (default 3000)")
     parser.add_argument("--every", type=int, default=5, help="checkpoint every this many steps (default 5)")
-    parser.add_argument("--min-gap", type=float, default=2.0, help="shortest wait before a fault, s (default 2)")
-    parser.add_argument("--max-gap", type=float, default=8.0, help="longest wait before a fault, s (default 8)")
+    parser.add_argument("--min-gap", type=float, default=0.5, help="shortest wait before a fault, s (default 0.5)")
+    parser.add_argument("--max-gap", type=float, default=3.0, help="longest wait before a fault, s (default 3)")
     parser.add_argument("--kill-share", type=float, default=0.5, help="share of faults that are SIGKILL (0.5)")
     parser.add_argument("--mpiexec-share", type=float, default=0.25,
                         help="share of SIGTERMs sent to mpiexec instead of one rank (0.25)")
-    parser.add_argument("--seed", type=int, default=0, help="seed of the fault schedule")
+    parser.add_argument("--seed", type=int, default=0, help="seed of the first round (data, model, fault schedule)")
     parser.add_argument("--end-timeout", type=float, default=60.0,
                         help="a job must end this many seconds after a fault (default 60)")
     parser.add_argument("--job-timeout", type=float, default=3600.0, help="any single job's limit, s")
@@ -316,38 +322,53 @@ def main(argv=None) -> int:
 
     workdir = options.workdir or tempfile.mkdtemp(prefix="disttrain-soak-")
     os.makedirs(workdir, exist_ok=True)
-    config = os.path.join(workdir, "soak.toml")
-    with open(config, "w") as handle:
-        handle.write(CONFIG.format(steps=options.steps, every=options.every))
-    reference_dir, run_dir, logs = (os.path.join(workdir, name) for name in ("reference", "soaked", "logs"))
-    for path in (reference_dir, run_dir):
-        shutil.rmtree(path, ignore_errors=True)
-    os.makedirs(logs, exist_ok=True)
-    print(f"soak: {options.ranks} ranks, {options.steps} steps, checkpoint every {options.every}, a fault every "
-          f"{options.min_gap:g}-{options.max_gap:g} s (seed {options.seed}); work dir {workdir}", flush=True)
+    print(f"soak: rounds of {options.steps} steps on {options.ranks} ranks, checkpoint every {options.every}, a "
+          f"fault every {options.min_gap:g}-{options.max_gap:g} s, new rounds for {options.minutes:g} min; "
+          f"work dir {workdir}", flush=True)
     started = time.monotonic()
-    try:
-        reference_seconds = run_reference(options, config, reference_dir, logs)
-        print(f"reference: {options.steps} steps uninterrupted in {reference_seconds:.0f} s", flush=True)
-        soak_started = time.monotonic()
-        counts = soak(options, config, run_dir, logs)
-        soak_seconds = time.monotonic() - soak_started
-        problems = compare(run_dir, reference_dir, options.steps)
-    except SoakFailure as failure:
-        print(f"soak: FAILED: {failure}\n(runs and logs kept in {workdir})", flush=True)
-        return 1
-    ends = counts["end_seconds"]
-    print(f"faults injected: {counts['injected']} ({counts['SIGTERM']} SIGTERM, {counts['SIGKILL']} "
-          f"SIGKILL; {counts['to mpiexec']} SIGTERM to mpiexec, the rest to a random rank); survived: "
-          f"{counts['survived']}; restarts: {counts['restarts']}")
+    totals = {"injected": 0, "survived": 0, "SIGTERM": 0, "SIGKILL": 0, "to mpiexec": 0, "restarts": 0,
+              "end_seconds": []}
+    rounds = 0
+    while True:
+        seed = options.seed + rounds
+        round_dir = os.path.join(workdir, f"round-{rounds:03d}")
+        shutil.rmtree(round_dir, ignore_errors=True)
+        logs = os.path.join(round_dir, "logs")
+        os.makedirs(logs)
+        config = os.path.join(round_dir, "soak.toml")
+        with open(config, "w") as handle:
+            handle.write(CONFIG.format(steps=options.steps, every=options.every, seed=seed))
+        reference_dir, run_dir = os.path.join(round_dir, "reference"), os.path.join(round_dir, "soaked")
+        try:
+            reference_seconds = run_reference(options, config, reference_dir, logs)
+            print(f"round {rounds} (seed {seed}): reference {options.steps} steps uninterrupted in "
+                  f"{reference_seconds:.0f} s", flush=True)
+            counts = soak(options, config, run_dir, logs, seed)
+            problems = compare(run_dir, reference_dir, options.steps)
+        except SoakFailure as failure:
+            print(f"soak: FAILED in round {rounds}: {failure}\n(runs and logs kept in {workdir})", flush=True)
+            return 1
+        if problems:
+            print(f"soak: FAILED in round {rounds}: the result differs from the uninterrupted run:\n  "
+                  + "\n  ".join(problems) + f"\n(runs and logs kept in {workdir})")
+            return 1
+        print(f"round {rounds}: {counts['injected']} faults, all survived; final parameters, optimizer state and "
+              f"all {options.steps} losses bit-identical to the uninterrupted run", flush=True)
+        for key, value in counts.items():
+            totals[key] += value
+        rounds += 1
+        if not options.workdir:
+            shutil.rmtree(round_dir, ignore_errors=True)
+        if (options.rounds and rounds >= options.rounds) or \
+                (not options.rounds and time.monotonic() - started >= 60 * options.minutes):
+            break
+    ends = totals["end_seconds"]
+    print(f"faults injected: {totals['injected']} ({totals['SIGTERM']} SIGTERM, {totals['SIGKILL']} SIGKILL; "
+          f"{totals['to mpiexec']} SIGTERM to mpiexec, the rest to a random rank); survived: {totals['survived']}; "
+          f"restarts: {totals['restarts']}; rounds: {rounds} x {options.steps} steps")
     if ends:
         print(f"job end after a fault: median {sorted(ends)[len(ends) // 2]:.1f} s, max {max(ends):.1f} s")
-    print(f"faulted run: {soak_seconds:.0f} s; whole soak: {time.monotonic() - started:.0f} s")
-    if problems:
-        print("soak: FAILED: the result differs from the uninterrupted run:\n  " + "\n  ".join(problems)
-              + f"\n(runs and logs kept in {workdir})")
-        return 1
-    print(f"result: final parameters, optimizer state and all {options.steps} losses are bit-identical to the "
+    print(f"soak: passed in {time.monotonic() - started:.0f} s: every round ended bit-identical to its "
           f"uninterrupted run")
     if not options.workdir:
         shutil.rmtree(workdir, ignore_errors=True)

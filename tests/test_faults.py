@@ -104,6 +104,12 @@ def train_losses(run_dir) -> dict:
     return dict(steps)
 
 
+def record_kinds(run_dir) -> list:
+    """[(kind, step)] of every metrics record, in file order."""
+    with open(os.path.join(run_dir, "metrics.jsonl")) as handle:
+        return [(r["kind"], r["step"]) for r in map(json.loads, handle)]
+
+
 def final_state(run_dir):
     """(step, {name: array}) of the run's latest checkpoint: parameters and the full optimizer state."""
     params, manifest, path = checkpoint.read_model(str(run_dir))
@@ -126,6 +132,7 @@ def assert_same_training(run_dir, reference_dir, steps=STEPS):
         assert np.array_equal(state[name], reference[name]), f"{name} differs from the uninterrupted run"
     assert train_losses(run_dir) == train_losses(reference_dir)
     assert sorted(train_losses(run_dir)) == list(range(1, steps + 1))
+    assert record_kinds(run_dir) == record_kinds(reference_dir)  # no eval/epoch record lost or repeated
 
 
 def latest_step(run_dir) -> int:

@@ -217,6 +217,9 @@ class MPIComm(Communicator):
     def abort(self, code=1):
         sys.stdout.flush()
         sys.stderr.flush()
+        # hydra's proxy can tear the job down before forwarding what was just printed (seen: a job's
+        # whole stderr lost, ~1 in 100 fast failures under load); give it a moment to pass it on
+        time.sleep(0.25)
         self.comm.Abort(code)
 
     def node_topology(self):
