@@ -25,7 +25,8 @@ from . import checkpoint as ckpt
 from . import config as config_module
 from . import nn
 from .data import DistributedSampler, split_evenly
-from .distributed import DataParallel, ShardedOptimizer, init
+from .distributed import DataParallel, MPIComm, ShardedOptimizer, init
+from .distributed.hierarchical import HierarchicalComm
 from .distributed.watchdog import Watchdog
 from .faults import Faults
 from .optim import SGD, Adam, AdamW, ConstantLR, CosineLR, StepLR
@@ -84,6 +85,8 @@ class Trainer:
         self.config = dict(config or {}, **{k: settings[k] for k in ("optimizer", "training", "checkpoint")})
         self.opt_cfg, self.train_cfg, self.ckpt_cfg = settings["optimizer"], settings["training"], settings["checkpoint"]
         self.comm = comm or init()
+        if self.opt_cfg["hierarchical"] and isinstance(self.comm, MPIComm) and self.comm.size > 1:
+            self.comm = HierarchicalComm(self.comm)  # COLLECTIVE: splits the world into nodes and node leaders
         self.model, self.loss_fn = model, loss_fn
         self.train_data, self.test_data = train_data, test_data
         self.task = task or _guess_task(train_data)
@@ -379,6 +382,7 @@ class Trainer:
         topo, cfg, opt = self.topology, self.train_cfg, self.opt_cfg
         params = self.ddp.layout.total
         mode = f"ZeRO-1 {opt['strategy']}" if opt["sharded"] else "replicated (allreduce)"
+        mode += ", hierarchical (node, leaders, node)" if isinstance(self.comm, HierarchicalComm) else ""
         lines = [f"disttrain: world {self.comm.size} ({topo['nodes']} node(s) x {topo['local_size']} ranks on "
                  f"this node), {self.threads} BLAS thread(s) per rank ({self.threads_reason})",
                  f"model: {params:,} parameters; optimizer {opt['name']} lr {opt['lr']:g}, {mode}",

@@ -105,6 +105,37 @@ def test_two_hosts_of_two_ranks_train_like_one_process_and_the_gradients_cross_e
         assert sent >= payload, f"{host.name} sent {sent} < {payload} bytes"
 
 
+def test_hierarchical_option_trains_like_one_process_and_each_host_receives_one_share_per_step(
+        fake_hosts, reference, tmp_path):
+    before = fake_hosts.bytes_crossed()
+    job = fake_hosts.mpiexec(train_argv(tmp_path / "run", "--set", "optimizer.hierarchical=true"), ranks_per_host=2,
+                             timeout=120, env=THREADS_UNSET, cwd=launch.REPO, check=True)
+    after = fake_hosts.bytes_crossed()
+
+    assert "ZeRO-1 reduce_scatter, hierarchical (node, leaders, node)" in job.stdout, job.stdout
+    assert_same_training(tmp_path / "run", reference)
+    # Only node leaders talk across hosts, each once per collective: a host receives the other host's
+    # partial sums of its half and the other half's parameters - one gradient per step, where flat
+    # ZeRO-1 with 2 ranks per host receives ~1.75 (reduce-scatter 1.0 + ring allgather 0.75).
+    params, _ = final_parameters(tmp_path / "run")
+    payload = TOTAL_STEPS * 4 * sum(p.size for p in params.values())
+    for host, start, end in zip(fake_hosts.hosts, before, after):
+        received = end.rx - start.rx
+        print(f"{host.name}: received {received:,} B with hierarchical synchronisation; payload {payload:,} B")
+        assert payload <= received < 1.5 * payload, f"{host.name} received {received} for a payload of {payload}"
+
+
+def test_hierarchical_collectives_are_exact_with_blocked_and_uneven_placement(fake_hosts):
+    program = os.path.join(os.path.dirname(os.path.abspath(__file__)), "mh_hierarchical.py")
+    for ranks_per_host, blocked in (([2, 2], True), ([1, 2], False)):
+        job = fake_hosts.mpiexec([sys.executable, program], ranks_per_host=ranks_per_host, timeout=60,
+                                 env={"OMP_NUM_THREADS": 1}, cwd=launch.REPO, check=True)
+        report = json.loads(next(line for line in job.stdout.splitlines() if line.startswith("{")))
+        assert report["world_size"] == sum(ranks_per_host) and report["leaders"] == 2, report
+        assert report["blocked"] is blocked, report  # uneven nodes: reduce_scatter/allgather fall back to flat
+        assert all(report["correct"].values()), report
+
+
 def test_info_and_training_log_show_nodes_ranks_per_node_and_blas_threads_chosen_per_node(fake_hosts, tmp_path):
     cores = len(os.sched_getaffinity(0))
     even = fake_hosts.mpiexec([sys.executable, "-m", "disttrain", "info"], ranks_per_host=2, timeout=60,

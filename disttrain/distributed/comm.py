@@ -202,6 +202,54 @@ class MPIComm(Communicator):
         self.comm.Barrier()
         self._leave()
 
+    # --- rooted collectives and sub-communicators, for hierarchical.py's three-phase synchronisation
+    def reduce(self, send: np.ndarray, recv: np.ndarray | None, root: int = 0, op: str = "sum") -> None:
+        """COLLECTIVE. On `root`, recv = the reduction of every rank's `send` (recv may be send: in
+        place); other ranks only send (their recv is ignored, may be None)."""
+        _check_buffer("reduce", send)
+        _check_op(op)
+        self._enter("reduce")
+        if self.rank != root:
+            self.comm.Reduce(send, None, op=self._ops[op], root=root)
+        else:
+            _check_buffer("reduce", recv)
+            self.comm.Reduce(self.MPI.IN_PLACE if recv is send else send, recv, op=self._ops[op], root=root)
+        self._leave()
+
+    def scatter(self, send: np.ndarray | None, recv: np.ndarray, root: int = 0) -> np.ndarray:
+        """COLLECTIVE. `send` on root holds `size` equal blocks of len(recv); rank r receives block r
+        (send is ignored, may be None, on other ranks)."""
+        _check_buffer("scatter", recv)
+        self._enter("scatter")
+        self.comm.Scatter(send if self.rank == root else None, recv, root=root)
+        self._leave()
+        return recv
+
+    def gather(self, buffer: np.ndarray, root: int = 0) -> np.ndarray:
+        """COLLECTIVE. In place: `buffer` holds `size` equal blocks; on `root` block r comes from rank r
+        (other ranks send their own block; their buffer is unchanged)."""
+        _check_buffer("gather", buffer)
+        if buffer.size % self.size:
+            raise ValueError(f"gather: {buffer.size} elements do not split into {self.size} equal blocks")
+        self._enter("gather")
+        if self.rank == root:
+            self.comm.Gather(self.MPI.IN_PLACE, buffer, root=root)
+        else:
+            block = buffer.size // self.size
+            self.comm.Gather(buffer[self.rank * block:(self.rank + 1) * block], None, root=root)
+        self._leave()
+        return buffer
+
+    def split(self, color: int | None, key: int = 0) -> "MPIComm | None":
+        """COLLECTIVE. A communicator of the ranks that pass the same `color`, ordered by (key, rank);
+        None for ranks that pass color None."""
+        sub = self.comm.Split(self.MPI.UNDEFINED if color is None else color, key)
+        return None if sub == self.MPI.COMM_NULL else MPIComm(sub)
+
+    def split_shared(self) -> "MPIComm":
+        """COLLECTIVE. A communicator of the ranks that share this node's memory, in this one's rank order."""
+        return MPIComm(self.comm.Split_type(self.MPI.COMM_TYPE_SHARED, key=self.rank))
+
     def allgather_object(self, value):
         self._enter("allgather_object")
         result = self.comm.allgather(value)
