@@ -36,9 +36,10 @@ test: test-serial test-mpi
 test-serial: install
 	PATH=$(abspath $(BIN)):$$PATH $(BIN)/python -m pytest -q tests
 
+# --only-mpi alone: with --with-mpi too, pytest-mpi 0.6 runs the serial tests on every rank as well
 test-mpi: install
-	PATH=$(abspath $(BIN)):$$PATH $(MPI_PYTEST) 2 $(BIN)/python -m pytest -q -p no:cacheprovider --with-mpi --only-mpi tests
-	PATH=$(abspath $(BIN)):$$PATH $(MPI_PYTEST) 3 $(BIN)/python -m pytest -q -p no:cacheprovider --with-mpi --only-mpi tests
+	PATH=$(abspath $(BIN)):$$PATH $(MPI_PYTEST) 2 $(BIN)/python -m pytest -q -p no:cacheprovider --only-mpi tests
+	PATH=$(abspath $(BIN)):$$PATH $(MPI_PYTEST) 3 $(BIN)/python -m pytest -q -p no:cacheprovider --only-mpi tests
 
 bench: install
 	PATH=$(abspath $(BIN)):$$PATH $(BIN)/python -m disttrain.bench

@@ -247,7 +247,7 @@ class Trainer:
             self._raise_agreed(failure, f"step {step} failed", TrainingError)
         loss = stats[0] / max(stats[1], 1)
         if not math.isfinite(loss) or stats[4]:
-            self._nonfinite(step, loss)
+            self._nonfinite(step, loss, loss_sum)
         else:
             if self.train_cfg["clip_norm"]:
                 self.optimizer.clip_grad_norm(self.train_cfg["clip_norm"])
@@ -266,17 +266,24 @@ class Trainer:
             self.check_replicas()
         return bool(stats[3])
 
-    def _nonfinite(self, step: int, loss: float) -> None:
+    def _nonfinite(self, step: int, loss: float, local_loss: float) -> None:
+        """COLLECTIVE (on the agreed non-finite path). Skip the step, or raise NonFiniteError naming the
+        first parameter (in layout order) whose combined gradient is not finite, and the ranks whose own
+        loss was not finite."""
         if self.train_cfg["on_nonfinite"] == "skip":
             self.skipped_steps += 1
             self.progress.line(f"step {step}: non-finite loss or gradient, step skipped on all ranks "
                                f"({self.skipped_steps} so far)")
             return
-        local = next((name for name, p in zip(self.ddp.flat.names, self.ddp.flat.params)
-                      if p.grad is not None and not np.all(np.isfinite(p.grad))), None)
-        found = [(rank, name) for rank, name in enumerate(self.comm.allgather_object(local)) if name]
-        where = (f"; first parameter with a non-finite gradient: '{found[0][1]}' (rank {found[0][0]})"
-                 if found else "")
+        reports = self.comm.allgather_object((self.optimizer.first_nonfinite_index(), math.isfinite(local_loss)))
+        indices = [index for index, _ in reports if index is not None]
+        where = ""
+        if indices:
+            name = self.ddp.layout.segments(min(indices), min(indices) + 1)[0][0]
+            where = f"; first parameter with a non-finite gradient: '{name}'"
+        sources = [rank for rank, (_, finite) in enumerate(reports) if not finite]
+        if sources:
+            where += f" (non-finite loss on rank{'s' if len(sources) > 1 else ''} {', '.join(map(str, sources))})"
         raise NonFiniteError(f"non-finite loss or gradient at step {step} (global loss {loss}){where}. "
                              f"Lower the learning rate, clip gradients (training.clip_norm), or set "
                              f"training.on_nonfinite = \"skip\"")

@@ -12,7 +12,8 @@ sys.path.insert(0, os.path.dirname(__file__))  # tests/launch.py for every test 
 def pytest_runtest_makereport(item, call):
     outcome = yield
     report = outcome.get_result()
-    if report.failed and item.config.getoption("--with-mpi", default=False):
+    under_mpi = item.config.getoption("--with-mpi", default=False) or item.config.getoption("--only-mpi", default=False)
+    if report.failed and under_mpi:
         from mpi4py import MPI
 
         if MPI.COMM_WORLD.size > 1:

@@ -166,8 +166,8 @@ def test_bad_input_stops_every_rank_with_one_clear_error_and_no_traceback(data, 
 @pytest.mark.parametrize("ranks", [2, 3])
 @pytest.mark.parametrize("kind, expected", [
     ("nan", "NonFiniteError: non-finite loss or gradient at step 2 (global loss nan); first parameter with a "
-            "non-finite gradient: '1.weight' (rank {last}). Lower the learning rate, clip gradients "
-            "(training.clip_norm), or set training.on_nonfinite = \"skip\""),
+            "non-finite gradient: '1.weight' (non-finite loss on rank {last}). Lower the learning rate, clip "
+            "gradients (training.clip_norm), or set training.on_nonfinite = \"skip\""),
     ("label", "TrainingError: step 2 failed on rank {last}: ValueError: cross_entropy: label 7 is out of range "
               "for 3 classes (allowed 0..2)"),
 ])

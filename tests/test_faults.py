@@ -290,7 +290,7 @@ def test_nan_on_one_rank_stops_every_rank_with_an_error_naming_step_and_paramete
     assert code == 1 and seconds < QUICK, err
     assert err.count("disttrain: error:") == 1, err
     assert "non-finite loss or gradient at step 3" in err
-    assert f"first parameter with a non-finite gradient: '1.weight' (rank {ranks - 1})" in err
+    assert f"first parameter with a non-finite gradient: '1.weight' (non-finite loss on rank {ranks - 1})" in err
     assert "Traceback" not in err
     assert "step 3/" not in out  # nothing was logged as a completed step 3
 

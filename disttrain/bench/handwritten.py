@@ -54,7 +54,8 @@ class HandwrittenMLP:
 
         shard = self.padded_total // ranks
         self.lo, self.hi = rank * shard, (rank + 1) * shard
-        self.shard_grads = np.zeros(shard, np.float32) if ranks > 1 else self.flat_grads
+        # in-place reduce-scatter leaves this rank's summed shard at the front of flat_grads
+        self.shard_grads = self.flat_grads[:shard]
         self.exp_avg = np.zeros(shard, np.float32)
         self.exp_avg_sq = np.zeros(shard, np.float32)
         self.adam_step = 0
@@ -85,7 +86,7 @@ class HandwrittenMLP:
             rec.mark()
         else:
             from mpi4py import MPI
-            rec.call("reduce_scatter", self.comm.Reduce_scatter_block, self.flat_grads, self.shard_grads,
+            rec.call("reduce_scatter", self.comm.Reduce_scatter_block, MPI.IN_PLACE, self.flat_grads,
                      op=MPI.SUM)
             rec.mark()
             self.adam(self.flat_params[self.lo:self.hi], self.shard_grads)

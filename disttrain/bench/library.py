@@ -16,6 +16,8 @@ Variants:
 
 from __future__ import annotations
 
+import numpy as np
+
 from .workload import Workload, initial_parameters
 
 VARIANTS = {"plain": None, "zero1": ("reduce_scatter", True), "allreduce": ("allreduce", True),
@@ -61,6 +63,7 @@ class DisttrainSystem:
             self.forward_module = self.ddp
             self.optimizer = ShardedOptimizer(dt.optim.Adam, self.ddp.parameters(), self.comm, shard=shard,
                                               bucket_mb=bucket_mb, **adam)
+        self.share = np.float32(1.0 / self.comm.size)  # equal per-rank batches in the benchmark
         for method in ("allreduce", "reduce_scatter", "allgather"):
             recorder.wrap(self.comm, method)
         recorder.phases = ["forward", "backward", "sync", "optimizer", "reset"]
@@ -69,10 +72,13 @@ class DisttrainSystem:
         rec = self.recorder
         loss = self.loss_fn(self.forward_module(self.Tensor(x)), y)
         rec.mark()
-        loss.backward()
+        if self.ddp is None:
+            loss.backward()
+        else:  # as the Trainer does: the backward seed carries this rank's share, no extra scaling pass
+            loss.backward(self.share)
         rec.mark()
         if self.ddp is not None:
-            self.ddp.sync_gradients()
+            self.ddp.sync_gradients(grad_scale=1.0)
         rec.mark()
         self.optimizer.step()
         rec.mark()

@@ -60,10 +60,12 @@ class HierarchicalComm(Communicator):
         self._leave()
         return buffer
 
-    def reduce_scatter(self, send, recv):
+    def reduce_scatter(self, send, recv=None):
         if not self.blocked:
             return self.world.reduce_scatter(send, recv)
         _check_buffer("reduce_scatter", send)
+        if recv is None:  # in place: the first block of send, free once the node reduce has read it
+            recv = send[:send.size // self.size]
         _check_buffer("reduce_scatter", recv)
         if send.size != recv.size * self.size or send.dtype != recv.dtype:
             raise ValueError(f"reduce_scatter: send has {send.size} {send.dtype} elements, expected "

@@ -46,10 +46,9 @@ class DataParallel(Module):
         self.flat.data_parallel = self
         self.layout = self.flat.layout
         self.owned_ranges = self.layout.owned_ranges(comm.rank)
-        # the summed gradient of the chunks this rank owns, when reduce-scattering; alone, a rank's
-        # gradient already is the sum, so it is used where it lies
+        # reduce-scatter runs in place: the summed gradient of the chunk this rank owns in bucket
+        # [lo, hi) lands at flat_grads[lo:lo + chunk] (MPI's in-place rule), so no second buffer exists
         self._scatters = strategy == "reduce_scatter" and comm.size > 1
-        self.shard_grads = np.zeros(self.layout.shard_size(), np.float32) if self._scatters else None
         self.synced = False
         self._sync_enabled = True
         comm.broadcast(self.flat.flat_params, root=0)
@@ -96,7 +95,8 @@ class DataParallel(Module):
         Each rank first multiplies its gradients by `grad_scale` (default 1/size: the mean of equal
         shares; pass local_count/global_count for uneven shares, or 1.0 when the backward seed already
         carried that weight). "allreduce": `flat.flat_grads` then holds the sum on every rank.
-        "reduce_scatter": `shard_grads` holds the sum of this rank's owned chunks.
+        "reduce_scatter": the sum of this rank's owned chunk of each bucket lands at the start of that
+        bucket in `flat.flat_grads` (see owned_grads()); the rest of the buffer is then scratch.
         """
         if not self._sync_enabled:
             return
@@ -106,11 +106,8 @@ class DataParallel(Module):
         if scale != 1.0:
             flat_grads *= np.float32(scale)
         if self._scatters:
-            offset = 0
             for lo, hi in self.layout.buckets:
-                chunk = (hi - lo) // self.comm.size
-                self.comm.reduce_scatter(flat_grads[lo:hi], self.shard_grads[offset:offset + chunk])
-                offset += chunk
+                self.comm.reduce_scatter(flat_grads[lo:hi])
         elif self.comm.size > 1:
             for lo, hi in self.layout.buckets:
                 self.comm.allreduce(flat_grads[lo:hi])
@@ -118,13 +115,11 @@ class DataParallel(Module):
 
     def owned_grads(self) -> list:
         """Views of the combined gradient of each owned range (valid after sync_gradients)."""
+        flat_grads = self.flat.flat_grads
         if not self._scatters:
-            return [self.flat.flat_grads[lo:hi] for lo, hi in self.owned_ranges]
-        views, offset = [], 0
-        for lo, hi in self.owned_ranges:
-            views.append(self.shard_grads[offset:offset + hi - lo])
-            offset += hi - lo
-        return views
+            return [flat_grads[lo:hi] for lo, hi in self.owned_ranges]
+        return [flat_grads[bucket_lo:bucket_lo + hi - lo]
+                for (bucket_lo, _), (lo, hi) in zip(self.layout.buckets, self.owned_ranges)]
 
     def gather_parameters(self) -> None:
         """COLLECTIVE. Every rank receives every rank's owned chunks into the flat parameter buffer."""

@@ -82,6 +82,14 @@ class ShardedOptimizer:
         self.sync()
         return squared_norm(self._grads())
 
+    def first_nonfinite_index(self) -> int | None:
+        """Flat index of the first NaN/inf in the combined gradient this rank updates (None: all finite)."""
+        for (lo, _), grad in zip(self.ranges, self._grads()):
+            bad = np.flatnonzero(~np.isfinite(grad))
+            if bad.size:
+                return lo + int(bad[0])
+        return None
+
     def clip_grad_norm(self, max_norm: float) -> float:
         """COLLECTIVE. Scale the combined gradient so its global L2 norm is <= max_norm; return the norm.
 
