@@ -14,16 +14,23 @@ import numpy as np
 
 RAW_REPEATS = 15
 RAW_WARMUP = 3
+EVICT_BYTES = 64 << 20  # more than the last-level cache of the machines we measure on
 
 
 def raw_mpi_collectives(mpi_comm, elements: int, repeats: int = RAW_REPEATS) -> dict:
     """COLLECTIVE. Median seconds on this rank of in-place Reduce_scatter_block, Allgather and Allreduce
-    over `elements` float32 (rounded up to a multiple of the size): the fastest forms, as disttrain uses."""
+    over `elements` float32 (rounded up to a multiple of the size): the fastest forms, as disttrain uses.
+
+    Each is timed twice: back to back with the buffer warm in cache (NAME), and after evicting the
+    caches by writing a 64 MiB scratch array (NAME_cold), as in training, where backward and the
+    optimizer have just swept more memory than the caches hold. The two bracket a training step's case.
+    """
     from mpi4py import MPI
 
     size = mpi_comm.Get_size()
     elements = -(-int(elements) // size) * size
     full = np.ones(elements, np.float32)
+    evict = np.empty(EVICT_BYTES // 4, np.float32)
     calls = {
         "reduce_scatter_block": lambda: mpi_comm.Reduce_scatter_block(MPI.IN_PLACE, full, op=MPI.SUM),
         "allgather_in_place": lambda: mpi_comm.Allgather(MPI.IN_PLACE, full),
@@ -31,13 +38,16 @@ def raw_mpi_collectives(mpi_comm, elements: int, repeats: int = RAW_REPEATS) -> 
     }
     result = {"elements": elements, "bytes": elements * 4}
     for name, call in calls.items():
-        times = []
-        for i in range(RAW_WARMUP + repeats):
-            full.fill(1.0)
-            mpi_comm.Barrier()
-            start = time.perf_counter()
-            call()
-            if i >= RAW_WARMUP:
-                times.append(time.perf_counter() - start)
-        result[name] = statistics.median(times)
+        for suffix, cold in (("", False), ("_cold", True)):
+            times = []
+            for i in range(RAW_WARMUP + repeats):
+                full.fill(1.0)
+                if cold:
+                    evict.fill(float(i))
+                mpi_comm.Barrier()
+                start = time.perf_counter()
+                call()
+                if i >= RAW_WARMUP:
+                    times.append(time.perf_counter() - start)
+            result[name + suffix] = statistics.median(times)
     return result

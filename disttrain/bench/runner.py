@@ -51,6 +51,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--bucket-mb", type=float, default=25.0, help="disttrain's DataParallel bucket size")
     parser.add_argument("--torch-fused-adam", action="store_true", help="torch.optim.Adam(fused=True)")
     parser.add_argument("--no-torch", action="store_true", help="skip the PyTorch systems even if installed")
+    parser.add_argument("--no-optimizer", action="store_true",
+                        help="skip the optimizer-update micro-benchmark (disttrain vs torch fused Adam)")
     parser.add_argument("--env", action="append", default=[], metavar="KEY=VALUE",
                         help="set in every worker's environment (repeatable), e.g. DISTTRAIN_NUMBA=0 or "
                              "MPIR_CVAR_REDUCE_SCATTER_BLOCK_INTRA_ALGORITHM=pairwise")
@@ -249,6 +251,12 @@ def main(argv=None) -> int:
               "load_average": [load_before, os.getloadavg()[0]] if load_before is not None else None}
     summary = report.summarise(config, runs, results, skipped, failures, warnings)
     print(report.format_table(summary))
+    if not args.no_optimizer:
+        from .optimizer import adam_update_times, format_times
+
+        per_rank = -(-workload.param_count // max(rank_counts))
+        summary["optimizer_update"] = adam_update_times(per_rank)
+        print("\n" + "\n".join(format_times(summary["optimizer_update"])))
     if args.profile:
         print(report.format_profiles(args.profile))
     report.write_json(summary, args.json)
