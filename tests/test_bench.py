@@ -73,6 +73,9 @@ def test_bench_runs_disttrain_and_numpy_at_one_and_two_ranks_and_reports_every_f
     assert {"disttrain-zero1@2 / numpy@2", "disttrain-zero1@1 / numpy@1", "disttrain-plain@1 / numpy@1"} <= ratio_names
     assert all(row["throughput_ratio"] > 0 for row in result["ratios"])
     assert "disttrain-zero1@2" in stdout and "samples/s" in stdout and "BLAS" in stdout
+    update = result["optimizer_update"]
+    assert update["elements"] == -(-PARAMS // 2) and update["disttrain (numpy)"] > 0
+    assert update["torch fused"] is None and "Adam update alone" in stdout
 
 
 @pytest.mark.slow

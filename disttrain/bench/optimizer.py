@@ -48,16 +48,16 @@ def _torch_adam(elements: int, flavour: str):
     return optimizer.step
 
 
-def adam_update_times(elements: int, rounds: int = 7, repeats: int = 5) -> dict:
-    """{name: median seconds of one Adam update over `elements` floats} (None where unavailable), plus
-    "elements"; one thread everywhere."""
+def adam_update_times(elements: int, rounds: int = 7, repeats: int = 5, with_torch: bool = True) -> dict:
+    """{name: median seconds of one Adam update over `elements` floats} (None where unavailable or
+    torch is not wanted), plus "elements"; one thread everywhere."""
     from threadpoolctl import threadpool_limits
 
     with threadpool_limits(limits=1):
         steps = {"disttrain (numba)": _disttrain_adam(elements, True),
                  "disttrain (numpy)": _disttrain_adam(elements, False),
-                 "torch fused": _torch_adam(elements, "fused"),
-                 "torch foreach": _torch_adam(elements, "foreach")}
+                 "torch fused": _torch_adam(elements, "fused") if with_torch else None,
+                 "torch foreach": _torch_adam(elements, "foreach") if with_torch else None}
         times = {name: [] for name, step in steps.items() if step is not None}
         for name in times:
             steps[name]()  # compile / first-touch outside the timing
@@ -80,7 +80,7 @@ def format_times(result: dict) -> list:
         if name == "elements":
             continue
         if seconds is None:
-            lines.append(f"  {name:<20} {'n/a':>8}   ({'torch not installed' if 'torch' in name else 'numba not installed'})")
+            lines.append(f"  {name:<20} {'n/a':>8}   ({'torch not installed or skipped' if 'torch' in name else 'numba not installed'})")
             continue
         ratio = f"  {seconds / reference:5.2f} x torch fused" if reference else ""
         lines.append(f"  {name:<20} {seconds * 1e3:8.3f}{ratio}")

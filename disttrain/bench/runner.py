@@ -255,7 +255,7 @@ def main(argv=None) -> int:
         from .optimizer import adam_update_times, format_times
 
         per_rank = -(-workload.param_count // max(rank_counts))
-        summary["optimizer_update"] = adam_update_times(per_rank)
+        summary["optimizer_update"] = adam_update_times(per_rank, with_torch=torch_ok)
         print("\n" + "\n".join(format_times(summary["optimizer_update"])))
     if args.profile:
         print(report.format_profiles(args.profile))
