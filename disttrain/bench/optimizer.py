@@ -26,13 +26,13 @@ def _disttrain_adam(elements: int, use_numba: bool):
     if use_numba and not kernels:
         return None
 
-    def step():
-        saved = fused._kernels
-        fused._kernels = kernels
+    def step():  # this path only, whatever the element count
+        saved = fused._kernels, fused.NUMBA_MIN_ELEMENTS
+        fused._kernels, fused.NUMBA_MIN_ELEMENTS = kernels, 0
         try:
             optimizer.step()
         finally:
-            fused._kernels = saved
+            fused._kernels, fused.NUMBA_MIN_ELEMENTS = saved
     return step
 
 
