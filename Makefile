@@ -41,8 +41,9 @@ test-mpi: install
 	PATH=$(abspath $(BIN)):$$PATH $(MPI_PYTEST) 2 $(BIN)/python -m pytest -q -p no:cacheprovider --only-mpi tests
 	PATH=$(abspath $(BIN)):$$PATH $(MPI_PYTEST) 3 $(BIN)/python -m pytest -q -p no:cacheprovider --only-mpi tests
 
+# options after ARGS=, e.g. make bench ARGS="--preset small" (disttrain bench --help lists them)
 bench: install
-	PATH=$(abspath $(BIN)):$$PATH $(BIN)/python -m disttrain.bench
+	PATH=$(abspath $(BIN)):$$PATH $(BIN)/python -m disttrain.bench $(ARGS)
 
 # PyTorch (CPU build) for the benchmark's DDP columns; the benchmark runs without it and says so
 bench-deps: install
