@@ -227,3 +227,44 @@ def test_sampler_parts_of_each_global_batch_cover_it_exactly_once(comm):
         parts = [everyone[r][b][0] for r in range(comm.size)]
         assert sum(parts, []) == list(global_idx) and all(everyone[r][b][1] == count for r in range(comm.size))
     assert len({len(m) for m in everyone}) == 1  # every rank runs the same number of steps
+
+
+def test_no_sync_accumulates_micro_batches_locally_and_one_sync_combines_them(comm):
+    ddp = DataParallel(_model(7), comm, strategy="allreduce")
+    single = _model(7)
+    batches = [_batch(7, seed=30), _batch(6, seed=31)]
+    total = sum(len(x) for x, _ in batches)
+    with ddp.no_sync():
+        for x, y in batches:
+            part_x, part_y = _local_part(comm, x, y)
+            if len(part_x):
+                dt.nn.SoftmaxLoss()(ddp(dt.Tensor(part_x)), part_y).backward(np.float32(len(part_x) / total))
+            ddp.sync_gradients(grad_scale=1.0)  # a no-op inside no_sync
+            assert not ddp.synced
+    ddp.sync_gradients(grad_scale=1.0)
+    x_all = np.concatenate([x for x, _ in batches])
+    y_all = np.concatenate([y for _, y in batches])
+    dt.nn.SoftmaxLoss()(single(dt.Tensor(x_all)), y_all).backward()
+    for (name, p), q in zip(ddp.named_parameters(), single.parameters()):
+        offset = dict((n, o) for n, o, _ in ddp.layout.entries)[name]
+        combined = ddp.flat.flat_grads[offset:offset + q.size].reshape(q.shape)
+        np.testing.assert_allclose(combined, q.grad, rtol=1e-5, atol=1e-7, err_msg=name)
+
+
+def test_parallel_evaluation_scores_every_sample_once_and_equals_one_process(comm, tmp_path_factory):
+    from disttrain.data import ArrayDataset
+    from disttrain.trainer import Trainer
+
+    x, y = _batch(23, seed=40)  # 23 samples: uneven parts on 2 and 3 ranks
+    test = ArrayDataset(x, y)
+    model = _model(8)
+    run_dir = str(tmp_path_factory.mktemp("eval")) if comm.rank == 0 else None
+    trainer = Trainer(model, ArrayDataset(x, y), dt.nn.SoftmaxLoss(), test, comm,
+                      training={"batch_size": 8, "progress": "none", "run_dir": comm.broadcast_object(run_dir)})
+    result = trainer.evaluate()
+    with dt.no_grad():
+        logits = _model(8)(dt.Tensor(x))
+    expected_loss = float(dt.nn.SoftmaxLoss()(logits, y).data)
+    expected_accuracy = float(np.mean(logits.data.argmax(axis=1) == y))
+    assert result["test_loss"] == pytest.approx(expected_loss, rel=1e-6)
+    assert result["test_accuracy"] == pytest.approx(expected_accuracy, abs=1e-12)

@@ -67,3 +67,10 @@ def test_fashion_mnist_mlp_learns_from_idx_files(tmp_path):
     launch.disttrain("train", os.path.join(EXAMPLES, "fashion_mlp.toml"), "--run-dir", tmp_path,
                      "--set", "training.epochs=1", ranks=2, timeout=600)
     assert _final_eval(tmp_path)["test_accuracy"] >= 0.8
+
+
+@pytest.mark.parametrize("script", ["digits_mlp.py", "digits_cnn.py"])
+def test_digits_scripts_train_on_two_ranks_to_95_percent(tmp_path, script):
+    proc = launch.mpirun(2, [os.path.join(EXAMPLES, script)], cwd=tmp_path)
+    lines = [line for line in proc.stdout.splitlines() if line.startswith("test accuracy")]
+    assert len(lines) == 1 and float(lines[0].split()[2]) >= 0.95, proc.stdout
