@@ -287,14 +287,8 @@ def _info(args) -> int:
         per_rank = comm.allgather_object((comm.rank, topology["node_index"], threads))
         if comm.rank != 0:
             return 0
-        mpi = "none (single process)"
-        if comm.is_mpi:
-            from mpi4py import MPI
-
-            import mpi4py
-            mpi = f"mpi4py {mpi4py.__version__}; {MPI.Get_library_version().splitlines()[0].strip()}"
         print(f"disttrain {__version__}; Python {platform.python_version()}; numpy {np.__version__}")
-        print(f"MPI: {mpi}")
+        print(f"MPI: {comm.library_version()}")
         print(f"world size: {comm.size}; nodes: {topology['nodes']} ({', '.join(topology['hostnames'])}); "
               f"ranks on this node: {topology['local_size']}")
         print(f"BLAS threads per rank: {threads} ({why})")

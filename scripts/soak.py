@@ -32,10 +32,11 @@ import tempfile
 import time
 import uuid
 
+from tagged_processes import TAG, tagged_processes
+
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, REPO)
 BIN = os.path.dirname(sys.executable)
-TAG = "DISTTRAIN_SOAK_TAG"
 
 CONFIG = """
 [model]
@@ -73,26 +74,6 @@ class SoakFailure(AssertionError):
 
 
 # ------------------------------------------------------------------------------------ processes
-def tagged(tag: str) -> dict:
-    """{pid: environment} of live processes whose environment carries TAG=tag (mpiexec, proxy, ranks)."""
-    found = {}
-    for name in os.listdir("/proc"):
-        if not name.isdigit():
-            continue
-        try:
-            with open(f"/proc/{name}/environ", "rb") as handle:
-                raw = handle.read()
-            with open(f"/proc/{name}/stat") as handle:
-                if handle.read().rsplit(")", 1)[1].split()[0] == "Z":
-                    continue
-        except (OSError, IndexError):
-            continue
-        env = dict(item.split(b"=", 1) for item in raw.split(b"\0") if b"=" in item)
-        if env.get(TAG.encode()) == tag.encode():
-            found[int(name)] = {k.decode(errors="replace"): v.decode(errors="replace") for k, v in env.items()}
-    return found
-
-
 class Job:
     """`mpiexec -n ranks python -m disttrain train ...` in the background, its processes tagged."""
 
@@ -108,7 +89,7 @@ class Job:
                                         stderr=subprocess.STDOUT, cwd=REPO, start_new_session=True)
 
     def ranks(self) -> dict:
-        return {int(env["PMI_RANK"]): pid for pid, env in tagged(self.tag).items() if "PMI_RANK" in env}
+        return {int(env["PMI_RANK"]): pid for pid, env in tagged_processes(self.tag).items() if "PMI_RANK" in env}
 
     def wait(self, timeout: float) -> int:
         try:
@@ -125,7 +106,7 @@ class Job:
             return handle.read()
 
     def kill(self) -> None:
-        for pid in tagged(self.tag):
+        for pid in tagged_processes(self.tag):
             try:
                 os.kill(pid, signal.SIGKILL)
             except ProcessLookupError:
@@ -136,9 +117,9 @@ class Job:
 
     def assert_no_leftovers(self, grace: float = 10.0) -> None:
         deadline = time.monotonic() + grace
-        while tagged(self.tag) and time.monotonic() < deadline:
+        while tagged_processes(self.tag) and time.monotonic() < deadline:
             time.sleep(0.1)
-        left = tagged(self.tag)
+        left = tagged_processes(self.tag)
         if left:
             self.kill()
             raise SoakFailure(f"processes left behind after the job ended: {sorted(left)}")

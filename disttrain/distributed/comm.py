@@ -96,6 +96,10 @@ class Communicator:
         return {"nodes": 1, "node_index": 0, "local_rank": 0, "local_size": 1,
                 "hostnames": [socket.gethostname()]}
 
+    def library_version(self) -> str:
+        """Which MPI this communicator runs on, in one line."""
+        return "none (single process)"
+
     def print(self, *args, all_ranks: bool = False, file=None, **kwargs) -> None:
         """Print on rank 0 only (or on every rank, each line prefixed with its rank)."""
         file = file or sys.stdout
@@ -280,6 +284,11 @@ class MPIComm(Communicator):
         # whole stderr lost, ~1 in 100 fast failures under load); give it a moment to pass it on
         time.sleep(0.25)
         self.comm.Abort(code)
+
+    def library_version(self):
+        import mpi4py
+
+        return f"mpi4py {mpi4py.__version__}; {self.MPI.Get_library_version().splitlines()[0].strip()}"
 
     def node_topology(self):
         if self._topology is None:

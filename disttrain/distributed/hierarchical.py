@@ -116,6 +116,9 @@ class HierarchicalComm(Communicator):
     def node_topology(self):
         return self.world.node_topology()
 
+    def library_version(self):
+        return self.world.library_version() + " (hierarchical: node, leaders, node)"
+
     def _buffer(self, name: str, size: int, dtype) -> np.ndarray:
         """A scratch array reused across calls (one per name, size and dtype): no allocation per step."""
         key = (name, size, np.dtype(dtype).str)

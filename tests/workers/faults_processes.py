@@ -15,42 +15,12 @@ import time
 import uuid
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))), "scripts"))
 import launch  # noqa: E402
-
-TAG = "DISTTRAIN_TEST_TAG"
-
+from tagged_processes import TAG, tagged_processes  # noqa: E402,F401
 
 def new_tag() -> str:
     return uuid.uuid4().hex
-
-
-def _environ(pid: int) -> dict:
-    try:
-        with open(f"/proc/{pid}/environ", "rb") as handle:
-            raw = handle.read()
-    except OSError:  # gone, or not ours to read
-        return {}
-    pairs = (item.split(b"=", 1) for item in raw.split(b"\0") if b"=" in item)
-    return {key.decode(errors="replace"): value.decode(errors="replace") for key, value in pairs}
-
-
-def _is_zombie(pid: int) -> bool:
-    try:
-        with open(f"/proc/{pid}/stat") as handle:
-            return handle.read().rsplit(")", 1)[1].split()[0] == "Z"
-    except (OSError, IndexError):
-        return True
-
-
-def tagged_processes(tag: str) -> dict:
-    """{pid: environment} of the live processes carrying `tag`."""
-    found = {}
-    for name in os.listdir("/proc"):
-        if name.isdigit() and int(name) != os.getpid():
-            env = _environ(int(name))
-            if env.get(TAG) == tag and not _is_zombie(int(name)):
-                found[int(name)] = env
-    return found
 
 
 def rank_pids(tag: str) -> dict:
