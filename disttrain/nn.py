@@ -31,6 +31,12 @@ def default_rng() -> np.random.Generator:
     return _default_rng
 
 
+def set_default_rng(rng: np.random.Generator) -> None:
+    """Make `rng` the library-wide generator (the Trainer gives each rank its own dropout stream)."""
+    global _default_rng
+    _default_rng = rng
+
+
 class Parameter(Tensor):
     """A leaf Tensor that a Module trains: float32 by default, requires_grad=True."""
 

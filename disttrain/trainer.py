@@ -104,8 +104,7 @@ class Trainer:
         self.ddp = DataParallel(model, self.comm, self.opt_cfg["strategy"], self.opt_cfg["bucket_mb"])
         self.optimizer = ShardedOptimizer(OPTIMIZERS[self.opt_cfg["name"]], self.ddp.parameters(), self.comm,
                                           shard=self.opt_cfg["sharded"], **_hyperparameters(self.opt_cfg))
-        nn.manual_seed(0)
-        nn._default_rng = np.random.default_rng((cfg["seed"], self.comm.rank))  # dropout differs per rank
+        nn.set_default_rng(np.random.default_rng((cfg["seed"], self.comm.rank)))  # dropout differs per rank
         self.sampler = DistributedSampler(len(train_data), self.comm.size, self.comm.rank,
                                           shuffle=cfg["shuffle"], seed=cfg["seed"])
         batches = self.sampler.num_batches(cfg["batch_size"])
@@ -239,10 +238,10 @@ class Trainer:
         t1 = time.perf_counter()
         self.ddp.sync_gradients(grad_scale=1.0)  # every rank, even after a local failure
         grads_finite = math.isfinite(sum(float(np.sum(g)) for g in self.optimizer._grads()))
-        t2 = time.perf_counter()
         stats = np.array([loss_sum, local_count, failure is not None, _stop_signal is not None,
                           not grads_finite], dtype=np.float64)
         comm.allreduce(stats, "sum")
+        t2 = time.perf_counter()
         if stats[2]:
             self._raise_agreed(failure, f"step {step} failed", TrainingError)
         loss = stats[0] / max(stats[1], 1)
@@ -251,7 +250,6 @@ class Trainer:
         else:
             if self.train_cfg["clip_norm"]:
                 self.optimizer.clip_grad_norm(self.train_cfg["clip_norm"])
-            t2 = time.perf_counter()
             self.optimizer.step()
         self.optimizer.reset_grad()
         lr = self.optimizer.lr
