@@ -1,0 +1,83 @@
+"""How an operation becomes a node of the autograd graph: the output Tensor, its parents and its
+backward; operands made Tensors of one dtype; gradients summed back over broadcast axes."""
+
+from __future__ import annotations
+
+import numpy as np
+
+from .. import tensor as _tensor
+from ..tensor import Tensor
+
+
+def _result(data: np.ndarray, parents: tuple, backward) -> Tensor:
+    out = Tensor.__new__(Tensor)
+    out.data = data
+    out.grad = None
+    out._grad_view = None
+    out._flat = None
+    out.name = None
+    if _tensor._grad_enabled and any(p.requires_grad for p in parents):
+        out.requires_grad = True
+        out._parents = parents
+        out._backward = backward
+    else:
+        out.requires_grad = False
+        out._parents = ()
+        out._backward = None
+    return out
+
+
+def _tensor_of(value, like: Tensor | None = None) -> Tensor:
+    if isinstance(value, Tensor):
+        return value
+    dtype = like.dtype if like is not None and like.dtype.kind == "f" else None
+    return Tensor(value, dtype=dtype)
+
+
+def _pair(a, b, op: str) -> tuple:
+    """Both operands as Tensors of one float dtype (numbers and integer arrays adopt the float one)."""
+    a_is, b_is = isinstance(a, Tensor), isinstance(b, Tensor)
+    a = a if a_is else _tensor_of(a, b if b_is else None)
+    b = b if b_is else _tensor_of(b, a)
+    if a.dtype != b.dtype:
+        a_float, b_float = a.dtype.kind == "f", b.dtype.kind == "f"
+        if a_float and b_float:
+            raise TypeError(f"{op}: dtypes {a.dtype} and {b.dtype} differ; convert one explicitly "
+                            f"(disttrain never upcasts to float64 silently)")
+        if a_float:
+            b = Tensor(b.data.astype(a.dtype))
+        elif b_float:
+            a = Tensor(a.data.astype(b.dtype))
+    return a, b
+
+
+def unbroadcast(grad: np.ndarray, shape: tuple) -> np.ndarray:
+    """Sum `grad` over the axes that broadcasting added or stretched, giving an array of `shape`."""
+    if grad.shape == shape:
+        return grad
+    extra = grad.ndim - len(shape)
+    axes = tuple(range(extra)) + tuple(
+        extra + i for i, n in enumerate(shape) if n == 1 and grad.shape[extra + i] != 1)
+    summed = grad.sum(axis=axes, keepdims=True) if axes else grad
+    return summed.reshape(shape)
+
+
+def _broadcast_error(op: str, a: Tensor, b: Tensor) -> ValueError:
+    return ValueError(f"{op}: shapes {a.shape} and {b.shape} cannot be broadcast together")
+
+
+def _leaf_grad(leaf: Tensor, compute):
+    """The gradient `compute(out)` makes for `leaf`, or None if it needs none.
+
+    When `leaf` is a parameter with a flat-buffer gradient view and no gradient yet, the result is
+    written straight into that view (no temporary, no copy) and becomes `leaf.grad`; None is returned
+    so the engine adds nothing more. Otherwise the gradient is returned for the engine to accumulate.
+    """
+    if not leaf.requires_grad:
+        return None
+    view = leaf._grad_view
+    if view is not None and leaf.grad is None and leaf._backward is None:
+        compute(view)
+        leaf.grad = view
+        return None
+    return compute(None)
