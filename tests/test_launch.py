@@ -2,7 +2,6 @@
 the N-singletons launch mistake refused with the command to use, and rank-aware printing."""
 
 import os
-import subprocess
 import sys
 
 import pytest
