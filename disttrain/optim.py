@@ -46,7 +46,8 @@ class Optimizer:
         """Update every parameter that has a gradient, in place."""
         for param, state in zip(self.params, self.state):
             if param.grad is not None:
-                self.update(param.data, np.ascontiguousarray(param.grad), state)
+                grad = param.grad.data if isinstance(param.grad, Tensor) else param.grad
+                self.update(param.data, np.ascontiguousarray(grad, dtype=param.data.dtype), state)
 
     def update(self, data: np.ndarray, grad: np.ndarray, state: dict) -> None:
         raise NotImplementedError(f"{type(self).__name__} must define update(data, grad, state)")

@@ -101,6 +101,10 @@ class Tensor:
         """The underlying array (not a copy)."""
         return self.data
 
+    def __array__(self, dtype=None, copy=None):
+        """np.asarray(tensor) is its data (converted only if a dtype is asked for)."""
+        return self.data if dtype is None else self.data.astype(dtype, copy=bool(copy))
+
     def item(self):
         return self.data.item()
 
