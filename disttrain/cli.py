@@ -12,7 +12,9 @@ import json
 import os
 import signal
 import sys
-import time
+import threading
+
+AGREED_EXIT_GRACE_SECONDS = 20  # MPI_Finalize of every rank normally takes well under a second
 
 EPILOG = """examples:
   disttrain train examples/digits_mlp.toml                      one process
@@ -101,21 +103,31 @@ def _agreed_errors() -> tuple:
 
 
 def _fail(comm, error: Exception, agreed: bool = True) -> int:
-    """Report a user-caused error and end every rank (the others may be inside a collective).
+    """Report a user-caused error and end this rank with exit code 1, leaving no rank waiting.
 
-    An agreed error is printed once, by rank 0; any other by the rank that raised it, with its rank.
+    An agreed error (raised identically on every rank) is printed once, by rank 0, and every rank then
+    exits normally: no MPI abort, so no launcher noise after the one line. Should a rank that believed
+    the error agreed still be alive after a grace period (the others are not ending), it prints the
+    error itself, prefixed with its rank, and aborts the job. Any other error is printed by the rank that
+    raised it and aborts the job at once (the other ranks may be inside a collective).
     """
-    if comm is None or comm.size == 1 or (agreed and comm.rank == 0):
-        print(f"disttrain: error: {error}", file=sys.stderr, flush=True)
-    elif not agreed:
-        comm.error(f"disttrain: error: {error}")
-    else:
-        # rank 0 prints the agreed message and its abort ends this rank too; aborting here first could
-        # kill rank 0 before it prints. Still alive after a while: rank 0 is not failing, say it here.
-        time.sleep(3)
-        comm.error(f"disttrain: error: {error}")
-    if comm is not None and comm.size > 1:
+    message = f"disttrain: error: {error}"
+    if comm is None or comm.size == 1:
+        print(message, file=sys.stderr, flush=True)
+        return 1
+    if not agreed:
+        comm.error(message)
         comm.abort(1)
+        return 1
+    if comm.rank == 0:
+        print(message, file=sys.stderr, flush=True)
+
+    def backstop():
+        comm.error(message + " (the other ranks did not stop with it: aborting)")
+        comm.abort(1)
+    timer = threading.Timer(AGREED_EXIT_GRACE_SECONDS, backstop)
+    timer.daemon = True  # a normal exit ends it unfired
+    timer.start()
     return 1
 
 

@@ -157,6 +157,7 @@ def test_bad_input_stops_every_rank_with_one_clear_error_and_no_traceback(data, 
     errors = [line for line in err.splitlines() if "disttrain: error:" in line]
     assert len(errors) == 1, f"expected one error line (exit code {code}):\nstdout:\n{out}\nstderr:\n{err!r}"
     assert errors[0].startswith("disttrain: error: "), errors[0]  # printed by rank 0 alone, unprefixed
+    assert "Abort(" not in err, err  # every rank ended normally: no launcher noise after the one line
     for word in words:
         assert word in errors[0], f"{word!r} not in {errors[0]!r}"
     assert "Traceback" not in err and "site-packages/numpy" not in err, err
