@@ -78,7 +78,8 @@ class Trainer:
     """
 
     def __init__(self, model, train_data, loss_fn, test_data=None, comm=None, optimizer=None, training=None,
-                 checkpoint=None, config: dict | None = None, task: str | None = None):
+                 checkpoint=None, config: dict | None = None, task: str | None = None,
+                 resume_command: str | None = None):
         settings = config_module.validate({"optimizer": optimizer or {}, "training": training or {},
                                            "checkpoint": checkpoint or {}}, "Trainer settings")
         config_module.check_consistency(settings)
@@ -121,6 +122,9 @@ class Trainer:
         self.last_checkpoint_step = self.last_checkpoint_path = None
         self.last_eval = {}
         self.progress = Progress(self.total_steps, self.comm.rank == 0, cfg["progress"])
+        # what to run to continue after a stop signal (the CLI passes the exact command line)
+        self.resume_command = resume_command or "Trainer.fit(resume=True) with the same settings"
+        self.stop_signal_name = None
         self.metrics = None
 
     # ------------------------------------------------------------------------------------- the loop
@@ -172,11 +176,9 @@ class Trainer:
                         self._save(watchdog)
             if stopped:
                 self._save(watchdog)
-                name = signal.Signals(_stop_signal).name if _stop_signal else "a stop request"
                 _forget_stop_signal()
-                self.progress.line(f"received {name}: saved checkpoint {self.last_checkpoint_path} at step "
-                                   f"{self.step}; resume with: disttrain train CONFIG --resume "
-                                   f"(or Trainer.fit(resume=True))", always=True)
+                self.progress.line(f"received {self.stop_signal_name}: saved checkpoint {self.last_checkpoint_path} "
+                                   f"at step {self.step}; resume with: {self.resume_command}", always=True)
             else:
                 if not self.last_eval or self.last_eval.get("step") != self.step:
                     self._evaluate_and_log(watchdog)
@@ -238,14 +240,15 @@ class Trainer:
         t1 = time.perf_counter()
         self.ddp.sync_gradients(grad_scale=1.0)  # every rank, even after a local failure
         grads_finite = math.isfinite(sum(float(np.sum(g)) for g in self.optimizer._grads()))
-        stats = np.array([loss_sum, local_count, failure is not None, _stop_signal is not None,
-                          not grads_finite], dtype=np.float64)
+        # one allreduce carries the loss, a local failure, non-finite gradients and stop signals (by kind)
+        stats = np.array([loss_sum, local_count, failure is not None, not grads_finite,
+                          _stop_signal == signal.SIGTERM, _stop_signal == signal.SIGUSR1], dtype=np.float64)
         comm.allreduce(stats, "sum")
         t2 = time.perf_counter()
         if stats[2]:
             self._raise_agreed(failure, f"step {step} failed", TrainingError)
         loss = stats[0] / max(stats[1], 1)
-        if not math.isfinite(loss) or stats[4]:
+        if not math.isfinite(loss) or stats[3]:
             self._nonfinite(step, loss, loss_sum)
         else:
             if self.train_cfg["clip_norm"]:
@@ -262,7 +265,10 @@ class Trainer:
                        self.optimizer.last_update_seconds)
         if self.train_cfg["check_replicas_every"] and step % self.train_cfg["check_replicas_every"] == 0:
             self.check_replicas()
-        return bool(stats[3])
+        if stats[4] or stats[5]:
+            self.stop_signal_name = "SIGTERM" if stats[4] else "SIGUSR1"
+            return True
+        return False
 
     def _nonfinite(self, step: int, loss: float, local_loss: float) -> None:
         """COLLECTIVE (on the agreed non-finite path). Skip the step, or raise NonFiniteError naming the
@@ -428,6 +434,9 @@ class Trainer:
         path = self.checkpoint_dir if resume is True else str(resume)
         info = ckpt.load(path, self.ddp, self.optimizer, self.comm, warn=lambda m: self.progress.line(m, always=True))
         if info is None:
+            if resume is not True:  # a path the user named must hold what they asked for
+                raise ckpt.CheckpointError(f"resume path {path!r} holds no checkpoint (expected step-XXXXXXXX "
+                                           f"directories or a `latest` pointer)")
             self.progress.line(f"no checkpoint in {path} yet: starting from the beginning", always=True)
             return None
         extra = info["extra"]

@@ -268,3 +268,107 @@ def test_parallel_evaluation_scores_every_sample_once_and_equals_one_process(com
     expected_accuracy = float(np.mean(logits.data.argmax(axis=1) == y))
     assert result["test_loss"] == pytest.approx(expected_loss, rel=1e-6)
     assert result["test_accuracy"] == pytest.approx(expected_accuracy, abs=1e-12)
+
+
+def test_default_data_parallel_with_a_plain_optimizer_trains_like_one_process(comm):
+    ddp = DataParallel(_model(9), comm)  # strategy "auto": allreduce unless a sharded optimizer adopts it
+    plain = SGD(ddp.parameters(), lr=0.3, momentum=0.5)
+    single = _model(9)
+    reference = SGD(single.parameters(), lr=0.3, momentum=0.5)
+    for step in range(3):
+        x, y = _batch(11, seed=60 + step)
+        _backward(ddp, *_local_part(comm, x, y), len(x))
+        plain.step()
+        plain.reset_grad()
+        dt.nn.SoftmaxLoss()(single(dt.Tensor(x)), y).backward()
+        reference.step()
+        reference.reset_grad()
+    for p, q in zip(ddp.parameters(), single.parameters()):
+        np.testing.assert_allclose(p.data, q.data, rtol=1e-5, atol=1e-7)
+
+
+def test_after_a_reduce_scatter_no_parameter_offers_a_partial_gradient(comm):
+    ddp = DataParallel(_model(10), comm, strategy="reduce_scatter")
+    x, y = _batch(8)
+    _backward(ddp, *_local_part(comm, x, y), len(x))
+    assert all(p.grad is None for p in ddp.parameters())  # the buffer outside this rank's chunks is scratch
+
+
+class _HeadsModel(dt.nn.Module):
+    def __init__(self):
+        self.body, self.used, self.unused = dt.nn.Linear(6, 5), dt.nn.Linear(5, 4), dt.nn.Linear(5, 4)
+
+    def forward(self, x):
+        return self.used(self.body(x).tanh())
+
+
+@pytest.mark.parametrize("optimizer_class,hyper", [(Adam, {"lr": 0.05, "weight_decay": 0.1}),
+                                                   (SGD, {"lr": 0.2, "momentum": 0.9, "weight_decay": 0.1})])
+def test_a_parameter_without_gradient_on_every_rank_is_left_alone_as_by_one_process(comm, optimizer_class, hyper):
+    dt.manual_seed(11)
+    ddp = DataParallel(_HeadsModel(), comm)
+    sharded = ShardedOptimizer(optimizer_class, ddp.parameters(), comm, **hyper)
+    dt.manual_seed(11)
+    single = _HeadsModel()
+    plain = optimizer_class(single.parameters(), **hyper)
+    for step in range(3):
+        x, y = _batch(10, seed=70 + step)
+        _backward(ddp, *_local_part(comm, x, y), len(x))
+        sharded.step()
+        sharded.reset_grad()
+        dt.nn.SoftmaxLoss()(single(dt.Tensor(x)), y).backward()
+        plain.step()
+        plain.reset_grad()
+    for (name, p), q in zip(ddp.named_parameters(), single.parameters()):
+        np.testing.assert_allclose(p.data, q.data, rtol=1e-5, atol=1e-7, err_msg=name)
+    full = sharded.consolidate_state_dict()
+    if comm.rank == 0:
+        key = "exp_avg" if optimizer_class is Adam else "momentum_buffer"
+        assert not np.any(full["state"][key]["unused.weight"])  # as fresh: the update never touched it
+
+
+class _ReplacingSGD(dt.optim.Optimizer):
+    """A user's optimizer written the seed's way: it replaces p.data instead of updating it in place."""
+
+    def __init__(self, params, lr):
+        super().__init__(params)
+        self.lr = lr
+
+    def step(self):
+        for p in self.params:
+            if p.grad is not None:
+                p.data = p.data - self.lr * np.asarray(p.grad)
+
+
+def test_a_user_optimizer_that_replaces_data_still_trains_the_shared_parameters(comm):
+    ddp = DataParallel(_model(12), comm)
+    sharded = ShardedOptimizer(_ReplacingSGD, ddp.parameters(), comm, lr=0.5)
+    single = _model(12)
+    plain = _ReplacingSGD(single.parameters(), lr=0.5)
+    for step in range(3):
+        x, y = _batch(9, seed=80 + step)
+        _backward(ddp, *_local_part(comm, x, y), len(x))
+        sharded.step()
+        sharded.reset_grad()
+        dt.nn.SoftmaxLoss()(single(dt.Tensor(x)), y).backward()
+        plain.step()
+        plain.reset_grad()
+    for p, q in zip(ddp.parameters(), single.parameters()):
+        np.testing.assert_allclose(p.data, q.data, rtol=1e-5, atol=1e-7)
+
+
+def test_a_replaced_parameter_is_put_back_into_the_flat_buffer_at_the_next_sync(comm):
+    ddp = DataParallel(_model(13), comm, strategy="allreduce")
+    weight = ddp.module.layers[0].weight
+    weight.data = np.zeros(weight.shape, np.float32)  # replaced, not updated in place
+    x, y = _batch(6)
+    _backward(ddp, *_local_part(comm, x, y), len(x))
+    offset = ddp.layout.entries[0][1]
+    assert weight.data.base is ddp.flat.flat_params
+    assert not np.any(ddp.flat.flat_params[offset:offset + weight.size])
+
+
+def test_sharded_optimizer_hyperparameters_are_keyword_only(comm):
+    ddp = DataParallel(_model(14), comm)
+    with pytest.raises(TypeError):
+        ShardedOptimizer(SGD, ddp.parameters(), comm, 0.5)

@@ -240,7 +240,8 @@ def test_stop_signal_saves_a_checkpoint_exits_zero_and_resume_matches_the_uninte
     stopped = latest_step(run_dir)
     assert 3 <= stopped < 40
     assert f"saved checkpoint {run_dir}/checkpoints/step-{stopped:08d} at step {stopped}" in out
-    assert "resume with: disttrain train CONFIG --resume" in out
+    assert f"received {signal.Signals(signum).name}: saved checkpoint" in out  # named even if one rank got it
+    assert "resume with: " in out
     assert "Traceback" not in err
     out, _ = train_ok(config, run_dir, "training.epochs=10", ranks=ranks, resume=True)
     assert f"resumed from {run_dir}/checkpoints/step-{stopped:08d} at step {stopped}" in out
@@ -278,7 +279,8 @@ def test_watchdog_aborts_a_job_whose_rank_sleeps_and_names_the_collective_the_ot
     assert code != 0, err
     assert seconds < QUICK  # the sleep alone would take 120 s
     assert "[rank 0] watchdog: step 3 has run for" in err
-    assert "waiting in collective 'reduce_scatter'" in err
+    # the first collective of the gradient sync: the allreduce of which parameters have gradients
+    assert "waiting in collective 'allreduce'" in err
     assert f"[rank {sleeper}] watchdog: step 3 has run for" in err
     assert "not inside a collective" in err
 

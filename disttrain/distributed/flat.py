@@ -85,9 +85,11 @@ class FlatParameters:
         self.layout = FlatLayout([(name, p.shape) for name, p in named_params], world_size, bucket_elements)
         self.flat_params = np.zeros(self.layout.padded_total, np.float32)
         self.flat_grads = np.zeros(self.layout.padded_total, np.float32)
+        self.views = []  # each parameter's view of flat_params, to repair a replaced .data
         for (name, offset, shape), param in zip(self.layout.entries, self.params):
             size = param.data.size
             view = self.flat_params[offset:offset + size].reshape(shape)
+            self.views.append(view)
             view[...] = param.data
             grad_view = self.flat_grads[offset:offset + size].reshape(shape)
             if param.grad is not None:
@@ -103,12 +105,17 @@ class FlatParameters:
             if param.grad is None:
                 param._grad_view.fill(0.0)
 
-    def check_views(self) -> None:
-        """Raise if a parameter's data was replaced instead of updated in place (it would silently stop training)."""
-        for name, param in zip(self.names, self.params):
-            if param.data.base is not self.flat_params and param.data is not self.flat_params:
-                raise RuntimeError(f"parameter '{name}' no longer shares the flat buffer: its .data was "
-                                   f"replaced; update parameters in place (e.g. param.data[...] = value)")
+    def repair_views(self) -> None:
+        """Put back any parameter whose `.data` was replaced (`p.data = new_array`) instead of updated
+        in place: its values go into its view of the flat buffer, which becomes its `.data` again.
+        Without this the replaced parameter would silently stop being synchronised and trained."""
+        for name, param, view in zip(self.names, self.params, self.views):
+            if param.data is not view:
+                if np.shape(param.data) != view.shape:
+                    raise ValueError(f"parameter '{name}' was given data of shape {np.shape(param.data)}, "
+                                     f"its shape is {view.shape}")
+                np.copyto(view, param.data, casting="same_kind")
+                param.data = view
 
     def view(self, lo: int, hi: int):
         """(params[lo:hi], grads[lo:hi]) views of the flat buffers."""

@@ -13,7 +13,7 @@ from ..nn import Module
 from .comm import Communicator
 from .flat import FlatParameters
 
-STRATEGIES = ("reduce_scatter", "allreduce")
+STRATEGIES = ("auto", "reduce_scatter", "allreduce")
 DEFAULT_BUCKET_MB = 25.0
 
 
@@ -26,12 +26,15 @@ class DataParallel(Module):
 
     At construction the parameters move into flat float32 buffers, every rank checks (one small
     allreduce) that all ranks have the same parameter names, shapes and dtypes, and rank 0's
-    parameters and buffers are broadcast. `strategy` is "reduce_scatter" (each rank receives the
-    summed gradient of the chunks it owns: half an allreduce's traffic; needs a ShardedOptimizer) or
-    "allreduce" (every rank receives the whole summed gradient). `bucket_mb` bounds one collective.
+    parameters and buffers are broadcast. `strategy` is "reduce_scatter" (each rank receives only the
+    summed gradient of the chunks it owns: half an allreduce's traffic; for a ShardedOptimizer, and
+    parameters' `.grad` are cleared after the sync because the rest of the buffer is then scratch),
+    "allreduce" (every rank receives the whole summed gradient: any optimizer works), or "auto"
+    (the default: reduce_scatter once a sharded ShardedOptimizer takes these parameters, else
+    allreduce). `bucket_mb` bounds one collective.
     """
 
-    def __init__(self, model, comm: Communicator, strategy: str = "reduce_scatter",
+    def __init__(self, model, comm: Communicator, strategy: str = "auto",
                  bucket_mb: float = DEFAULT_BUCKET_MB):
         if strategy not in STRATEGIES:
             raise ValueError(f"strategy must be one of {STRATEGIES}, got {strategy!r}")
@@ -46,9 +49,7 @@ class DataParallel(Module):
         self.flat.data_parallel = self
         self.layout = self.flat.layout
         self.owned_ranges = self.layout.owned_ranges(comm.rank)
-        # reduce-scatter runs in place: the summed gradient of the chunk this rank owns in bucket
-        # [lo, hi) lands at flat_grads[lo:lo + chunk] (MPI's in-place rule), so no second buffer exists
-        self._scatters = strategy == "reduce_scatter" and comm.size > 1
+        self.absent = []  # parameters that had no gradient on any rank in the last sync
         self.synced = False
         self._sync_enabled = True
         comm.broadcast(self.flat.flat_params, root=0)
@@ -56,6 +57,12 @@ class DataParallel(Module):
             for _, buffer in model.named_buffers():
                 if buffer.dtype == np.float32 and buffer.flags.c_contiguous:
                     comm.broadcast(buffer, root=0)
+
+    @property
+    def _scatters(self) -> bool:
+        # reduce-scatter runs in place: the summed gradient of the chunk this rank owns in bucket
+        # [lo, hi) lands at flat_grads[lo:lo + chunk] (MPI's in-place rule), so no second buffer exists
+        return self.strategy == "reduce_scatter" and self.comm.size > 1
 
     # --- the model's face
     def forward(self, *args, **kwargs):
@@ -100,6 +107,11 @@ class DataParallel(Module):
         """
         if not self._sync_enabled:
             return
+        self.flat.repair_views()
+        present = np.array([p.grad is not None for p in self.flat.params], dtype=np.uint8)
+        if self.comm.size > 1:
+            self.comm.allreduce(present, "max")
+        self.absent = [i for i in np.flatnonzero(present == 0).tolist()]
         self.flat.fill_missing_grads()
         scale = 1.0 / self.comm.size if grad_scale is None else float(grad_scale)
         flat_grads = self.flat.flat_grads
@@ -108,6 +120,8 @@ class DataParallel(Module):
         if self._scatters:
             for lo, hi in self.layout.buckets:
                 self.comm.reduce_scatter(flat_grads[lo:hi])
+            for param in self.flat.params:
+                param.grad = None  # outside this rank's chunks the buffer now holds scratch, not gradients
         elif self.comm.size > 1:
             for lo, hi in self.layout.buckets:
                 self.comm.allreduce(flat_grads[lo:hi])

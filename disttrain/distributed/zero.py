@@ -27,7 +27,7 @@ class ShardedOptimizer:
     every element of the flat buffer is). `step()`, `reset_grad()` and `clip_grad_norm()` are COLLECTIVE.
     """
 
-    def __init__(self, optimizer_class, params, comm: Communicator, shard: bool = True,
+    def __init__(self, optimizer_class, params, comm: Communicator, *, shard: bool = True,
                  strategy: str | None = None, bucket_mb: float = DEFAULT_BUCKET_MB, **hyperparameters):
         if not (isinstance(optimizer_class, type) and issubclass(optimizer_class, Optimizer)):
             raise TypeError(f"optimizer_class must be a subclass of disttrain.optim.Optimizer, got {optimizer_class!r}")
@@ -38,8 +38,10 @@ class ShardedOptimizer:
         if owner is None or [id(p) for p in owner.flat.params] != [id(p) for p in params]:
             owner = DataParallel(params, comm, strategy=strategy or ("reduce_scatter" if shard else "allreduce"),
                                  bucket_mb=bucket_mb)
-        elif strategy is not None and strategy != owner.strategy:
+        elif strategy is not None and strategy != owner.strategy and owner.strategy != "auto":
             raise ValueError(f"strategy {strategy!r} differs from the DataParallel's {owner.strategy!r}")
+        if owner.strategy == "auto":  # the DataParallel left it to us: the cheapest that works
+            owner.strategy = strategy or ("reduce_scatter" if shard else "allreduce")
         if not shard and owner.strategy != "allreduce":
             raise ValueError("shard=False needs the 'allreduce' strategy (every rank updates everything)")
         self.ddp, self.comm, self.shard = owner, comm, shard
@@ -47,7 +49,8 @@ class ShardedOptimizer:
         flat = owner.flat
         ranges = owner.owned_ranges if shard else [(0, flat.layout.padded_total)]
         self.ranges = ranges
-        self.shard_params = [Tensor(flat.flat_params[lo:hi], requires_grad=True) for lo, hi in ranges]
+        self._views = [flat.flat_params[lo:hi] for lo, hi in ranges]
+        self.shard_params = [Tensor(view, requires_grad=True) for view in self._views]
         self.optimizer = optimizer_class(self.shard_params, **hyperparameters)
         self.last_update_seconds = self.last_gather_seconds = 0.0
 
@@ -109,12 +112,50 @@ class ShardedOptimizer:
         for tensor, grad in zip(self.shard_params, self._grads()):
             tensor.grad = grad
         started = time.perf_counter()
+        frozen = self._freeze_absent()
         self.optimizer.step()
+        self._keep_views()
+        self._thaw(frozen)
         updated = time.perf_counter()
         if self.shard and self.comm.size > 1:
             self.ddp.gather_parameters()
         self.last_update_seconds, self.last_gather_seconds = updated - started, time.perf_counter() - updated
         self.ddp.synced = False
+
+    def _freeze_absent(self) -> list:
+        """(values view, saved values, state, offset, saved state) for every piece of this rank's
+        ranges that belongs to a parameter with no gradient on any rank: the update must leave those
+        as they were (a single process's optimizer skips a parameter whose grad is None; the flat
+        update would move it through momentum and weight decay)."""
+        frozen = []
+        for index in self.ddp.absent:
+            _, offset, shape = self.ddp.layout.entries[index]
+            end = offset + int(np.prod(shape))
+            for (lo, hi), view, state in zip(self.ranges, self._views, self.optimizer.state):
+                a, b = max(lo, offset), min(hi, end)
+                if a < b:
+                    saved = {key: value[a - lo:b - lo].copy() for key, value in state.items()
+                             if isinstance(value, np.ndarray) and value.shape == view.shape}
+                    frozen.append((view[a - lo:b - lo], view[a - lo:b - lo].copy(), state, a - lo, saved))
+        return frozen
+
+    @staticmethod
+    def _thaw(frozen: list) -> None:
+        """Undo the update on what _freeze_absent saved; state created by this step starts at zero there."""
+        for values, saved_values, state, start, saved in frozen:
+            values[:] = saved_values
+            for key, value in state.items():
+                if isinstance(value, np.ndarray) and value.ndim == 1 and len(value) >= start + len(values):
+                    piece = value[start:start + len(values)]
+                    piece[:] = saved[key] if key in saved else 0
+
+    def _keep_views(self) -> None:
+        """A wrapped optimizer that replaced `p.data` (p.data = p.data - ...) instead of updating it in
+        place: copy the result into the flat buffer and make the view its data again."""
+        for tensor, view in zip(self.shard_params, self._views):
+            if tensor.data is not view:
+                np.copyto(view, tensor.data, casting="same_kind")
+                tensor.data = view
 
     def reset_grad(self) -> None:
         """Clear every parameter's gradient (and the wrapped optimizer's views)."""
