@@ -3,9 +3,10 @@
 A Tensor holds `data` (a numpy array, float32 unless asked otherwise), and, when it takes part in
 autograd, the tensors it was computed from (`_parents`) and a `_backward` function that maps the
 gradient of the output to the gradients of those parents. `backward()` walks the graph once in
-reverse topological order. Only leaves (tensors made by the user, such as parameters) keep `.grad`.
+reverse topological order. Only leaves (tensors made by the user, such as parameters) keep `.grad`,
+a `Gradient`: a numpy array that also answers the Tensor-style `.data` and `.numpy()`.
 
-The operations themselves live in `ops.py`; this file only binds them as methods and operators.
+The operations themselves live in the `ops` package, which also binds them as methods and operators.
 """
 
 from __future__ import annotations
@@ -51,12 +52,42 @@ def as_array(data, dtype=None) -> np.ndarray:
     return array
 
 
+def _made_from(array: np.ndarray, data) -> bool:
+    """True when converting `data` made `array` afresh, so no one else holds its memory."""
+    if isinstance(data, (list, tuple, int, float, complex, np.generic)):
+        return True
+    return isinstance(data, np.ndarray) and array is not data and array.flags.owndata
+
+
+class Gradient(np.ndarray):
+    """The array a leaf's `.grad` holds: a plain numpy array (same memory, no copy) that also reads like
+    a Tensor, so seed/PyTorch-style code works: `p.grad.data` and `p.grad.numpy()` are the plain
+    ndarray view of it (`p.data -= lr * p.grad.data`). Make one with `array.view(Gradient)`.
+    """
+
+    @property
+    def data(self) -> np.ndarray:
+        return self.view(np.ndarray)
+
+    def numpy(self) -> np.ndarray:
+        return self.view(np.ndarray)
+
+    def __array_wrap__(self, array, context=None, return_scalar=False):
+        # reductions (g.sum(), g.max()) give numpy scalars, as they do for a plain array
+        if return_scalar:
+            return array[()]
+        return super().__array_wrap__(array, context, return_scalar)
+
+
 class Tensor:
     """An n-dimensional array with reverse-mode autograd.
 
-    `Tensor(data, requires_grad=False, dtype=None)`: float data is stored as float32 unless `dtype` is
-    given (float64 is only for numerical gradient checks); integer data keeps its integer dtype.
-    `.grad` is None until `backward()` reaches this tensor; it always has this tensor's shape and dtype.
+    `Tensor(data, requires_grad=False, dtype=None)` COPIES `data` (as torch.tensor does: nothing done to
+    the tensor, an optimizer step included, changes the caller's array). Float data is stored as float32
+    unless `dtype` is given (float64 is only for numerical gradient checks); integer data keeps its
+    integer dtype, except that with requires_grad=True and no dtype it becomes float32.
+    `Tensor.wrap(array)` is the no-copy path. `.grad` is None until `backward()` reaches this tensor;
+    then it is a `Gradient` of this tensor's shape and dtype.
     """
 
     __slots__ = ("data", "grad", "requires_grad", "_parents", "_backward", "_grad_view", "_flat", "name",
@@ -66,9 +97,26 @@ class Tensor:
     def __init__(self, data, requires_grad: bool = False, dtype=None):
         if isinstance(data, Tensor):
             data = data.data
-        self.data = as_array(data, dtype)
-        if requires_grad and self.data.dtype.kind != "f":
-            raise ValueError(f"requires_grad=True needs a float tensor, got dtype {self.data.dtype}")
+        array = as_array(data, dtype)
+        if requires_grad and dtype is None and array.dtype.kind in "iub":
+            array = array.astype(DEFAULT_FLOAT)  # a fresh array: no copy needed below
+        elif not _made_from(array, data):
+            array = array.copy()
+        self._init(array, requires_grad)
+
+    @classmethod
+    def wrap(cls, array, requires_grad: bool = False) -> "Tensor":
+        """A Tensor whose `data` IS `array`: no copy and no dtype conversion (a numpy subclass is viewed
+        as a plain ndarray). For internal use and for views that must stay views, such as slices of a
+        flat parameter buffer; writes through the tensor (an optimizer step) change `array`."""
+        tensor = cls.__new__(cls)
+        tensor._init(np.asarray(array), requires_grad)
+        return tensor
+
+    def _init(self, array: np.ndarray, requires_grad: bool) -> None:
+        if requires_grad and array.dtype.kind != "f":
+            raise ValueError(f"requires_grad=True needs a float tensor, got dtype {array.dtype}")
+        self.data = array
         self.grad = None
         self.requires_grad = bool(requires_grad)
         self._parents = ()
@@ -109,8 +157,8 @@ class Tensor:
         return self.data.item()
 
     def detach(self) -> "Tensor":
-        """A tensor sharing this data (same array, same dtype) but cut from the graph."""
-        return Tensor(self.data, dtype=self.data.dtype)
+        """A tensor sharing this data (same array, no copy) but cut from the graph."""
+        return Tensor.wrap(self.data)
 
     def __repr__(self) -> str:
         flag = ", requires_grad=True" if self.requires_grad else ""
@@ -151,7 +199,7 @@ class Tensor:
                 # never add in place: a backward may have returned a view of another gradient
                 grads[key] = parent_grad if earlier is None else earlier + parent_grad
 
-    # Operators and methods are attached at the bottom of ops.py, beside their definitions.
+    # Operators and methods are attached in ops/__init__.py.
 
 
 def _reverse_topological(root: Tensor) -> list:
@@ -174,14 +222,19 @@ def _reverse_topological(root: Tensor) -> list:
     return order
 
 
+def as_gradient(array: np.ndarray) -> Gradient:
+    """`array` as a Gradient: the same object if it is one, else a view of the same memory."""
+    return array if isinstance(array, Gradient) else array.view(Gradient)
+
+
 def _accumulate_leaf(leaf: Tensor, grad: np.ndarray) -> None:
     if grad.shape != leaf.data.shape:
         raise ValueError(f"gradient shape {grad.shape} does not match parameter shape {leaf.data.shape}")
     if leaf.grad is None:
         if leaf._grad_view is not None:
             np.copyto(leaf._grad_view, grad, casting="same_kind")
-            leaf.grad = leaf._grad_view
+            leaf.grad = as_gradient(leaf._grad_view)
         else:
-            leaf.grad = np.array(grad, dtype=leaf.data.dtype, copy=True, order="C")
+            leaf.grad = np.array(grad, dtype=leaf.data.dtype, copy=True, order="C").view(Gradient)
     else:
         np.add(leaf.grad, grad, out=leaf.grad, casting="same_kind")

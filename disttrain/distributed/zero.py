@@ -50,7 +50,7 @@ class ShardedOptimizer:
         ranges = owner.owned_ranges if shard else [(0, flat.layout.padded_total)]
         self.ranges = ranges
         self._views = [flat.flat_params[lo:hi] for lo, hi in ranges]
-        self.shard_params = [Tensor(view, requires_grad=True) for view in self._views]
+        self.shard_params = [Tensor.wrap(view, requires_grad=True) for view in self._views]
         self.optimizer = optimizer_class(self.shard_params, **hyperparameters)
         self.last_update_seconds = self.last_gather_seconds = 0.0
 

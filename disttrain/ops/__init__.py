@@ -17,7 +17,7 @@ from ..tensor import Tensor
 from .arithmetic import add, div, linear, matmul, mul, neg, power, sub
 from .images import _pair_arg, conv2d, max_pool2d
 from .losses import cross_entropy, mse_loss
-from .node import unbroadcast
+from .node import as_tensor, unbroadcast
 from .pointwise import exp, gelu, log, log_softmax, relu, sigmoid, softmax, sqrt, tanh, where
 from .reductions import logsumexp, max, mean, sum  # noqa: A004 - mirror numpy's names
 from .shaping import broadcast_to, concatenate, getitem, permute, reshape, stack, transpose
@@ -25,7 +25,7 @@ from .shaping import broadcast_to, concatenate, getitem, permute, reshape, stack
 __all__ = ["add", "sub", "mul", "div", "neg", "power", "matmul", "linear", "sum", "mean", "max", "logsumexp",
            "reshape", "permute", "transpose", "broadcast_to", "getitem", "concatenate", "stack", "exp", "log",
            "sqrt", "relu", "tanh", "sigmoid", "gelu", "softmax", "log_softmax", "where", "conv2d", "max_pool2d",
-           "cross_entropy", "mse_loss", "unbroadcast", "_pair_arg"]
+           "cross_entropy", "mse_loss", "as_tensor", "unbroadcast", "_pair_arg"]
 
 
 # ------------------------------------------------------------------------------- Tensor's interface
@@ -44,6 +44,7 @@ Tensor.__rtruediv__ = _reflected(div)
 Tensor.__neg__ = neg
 Tensor.__pow__ = power
 Tensor.__matmul__ = matmul
+Tensor.matmul = matmul
 Tensor.__rmatmul__ = _reflected(matmul)
 Tensor.__getitem__ = getitem
 Tensor.sum = sum

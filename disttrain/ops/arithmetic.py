@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 
 from ..tensor import Tensor
-from .node import _broadcast_error, _leaf_grad, _pair, _result, unbroadcast
+from .node import _broadcast_error, _leaf_grad, _pair, _result, as_tensor, unbroadcast
 
 
 def add(a, b) -> Tensor:
@@ -61,17 +61,21 @@ def div(a, b) -> Tensor:
 
 
 def neg(a: Tensor) -> Tensor:
+    a = as_tensor(a)
     return _result(-a.data, (a,), lambda g: (-g,))
 
 
 def power(a: Tensor, exponent: float) -> Tensor:
-    """a ** exponent for a number `exponent`."""
+    """a ** exponent for a number `exponent` (the gradient of a ** 0 is 0 everywhere, 0 included)."""
     if isinstance(exponent, Tensor):
         raise TypeError("power: the exponent must be a number, not a Tensor")
+    a = as_tensor(a)
     exponent = float(exponent)
     data = a.data ** a.data.dtype.type(exponent)
 
     def backward(g):
+        if exponent == 0.0:  # 0 * a ** -1 would be 0 * inf = NaN at a = 0
+            return (np.zeros(a.shape, dtype=a.dtype),)
         return (g * (exponent * a.data ** a.data.dtype.type(exponent - 1.0)),)
     return _result(data, (a,), backward)
 
@@ -102,24 +106,35 @@ def matmul(a, b) -> Tensor:
 
 
 def linear(x: Tensor, weight: Tensor, bias: Tensor | None = None) -> Tensor:
-    """x @ weight.T + bias for x (batch, in), weight (out, in), bias (out,): one node, no temporaries."""
-    if x.ndim != 2 or weight.ndim != 2 or x.shape[1] != weight.shape[1]:
+    """x @ weight.T + bias for weight (out, in), bias (out,): one node, no temporaries.
+
+    x is (..., in): (in,), (batch, in) or (batch, T, in); the output is (..., out). Leading axes are
+    folded into one batch axis, a view for the usual 2-D (and any contiguous) input. An array `x`
+    takes the weight's dtype.
+    """
+    weight = as_tensor(weight)
+    x = as_tensor(x, weight)
+    bias = None if bias is None else as_tensor(bias, weight)
+    if x.ndim == 0 or weight.ndim != 2 or x.shape[-1] != weight.shape[1]:
         raise ValueError(f"linear: input shape {x.shape} does not fit weight shape {weight.shape} "
-                         f"(expected (batch, {weight.shape[1] if weight.ndim == 2 else '?'}))")
+                         f"(expected (..., {weight.shape[1] if weight.ndim == 2 else '?'}))")
     if x.dtype != weight.dtype:
         raise TypeError(f"linear: input dtype {x.dtype} differs from weight dtype {weight.dtype}")
     _check_bias("linear", weight, bias)
-    data = x.data @ weight.data.T
+    out_features = weight.shape[0]
+    rows = x.data.reshape(-1, weight.shape[1])
+    data = rows @ weight.data.T
     if bias is not None:
         data += bias.data
 
     def backward(g):
-        gx = g @ weight.data if x.requires_grad else None
-        gw = _leaf_grad(weight, lambda out: np.matmul(g.T, x.data, out=out))
-        gb = _leaf_grad(bias, lambda out: np.sum(g, axis=0, out=out)) if bias is not None else None
+        g_rows = g.reshape(-1, out_features)
+        gx = (g_rows @ weight.data).reshape(x.shape) if x.requires_grad else None
+        gw = _leaf_grad(weight, lambda out: np.matmul(g_rows.T, rows, out=out))
+        gb = _leaf_grad(bias, lambda out: np.sum(g_rows, axis=0, out=out)) if bias is not None else None
         return gx, gw, gb
     parents = (x, weight) if bias is None else (x, weight, bias)
-    return _result(data, parents, backward)
+    return _result(data.reshape(x.shape[:-1] + (out_features,)), parents, backward)
 
 
 def _check_bias(op: str, weight: Tensor, bias: Tensor | None) -> None:

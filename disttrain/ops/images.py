@@ -6,7 +6,7 @@ import numpy as np
 
 from ..tensor import Tensor
 from .arithmetic import _check_bias
-from .node import _leaf_grad, _result
+from .node import _leaf_grad, _result, as_tensor
 
 
 def _pair_arg(value, name: str) -> tuple:
@@ -17,7 +17,11 @@ def _pair_arg(value, name: str) -> tuple:
 
 
 def conv2d(x: Tensor, weight: Tensor, bias: Tensor | None = None, stride=1, padding=0) -> Tensor:
-    """2-D convolution (cross-correlation) by im2col: x (N, C, H, W), weight (O, C, kh, kw) -> (N, O, OH, OW)."""
+    """2-D convolution (cross-correlation) by im2col: x (N, C, H, W), weight (O, C, kh, kw) -> (N, O, OH, OW).
+
+    An array `x` takes the weight's dtype."""
+    weight = as_tensor(weight)
+    x = as_tensor(x, weight)
     if x.ndim != 4 or weight.ndim != 4 or x.shape[1] != weight.shape[1]:
         raise ValueError(f"conv2d: input shape {x.shape} does not fit weight shape {weight.shape} "
                          f"(expected input (N, {weight.shape[1] if weight.ndim == 4 else 'C'}, H, W))")
@@ -61,6 +65,7 @@ def conv2d(x: Tensor, weight: Tensor, bias: Tensor | None = None, stride=1, padd
 
 def max_pool2d(x: Tensor, kernel_size=2, stride=None) -> Tensor:
     """Max over kh x kw windows of x (N, C, H, W); stride defaults to the kernel size."""
+    x = as_tensor(x)
     if x.ndim != 4:
         raise ValueError(f"max_pool2d: input must be (N, C, H, W), got shape {x.shape}")
     kh, kw = _pair_arg(kernel_size, "kernel_size")

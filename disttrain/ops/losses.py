@@ -6,7 +6,7 @@ import numpy as np
 
 from ..tensor import Tensor
 from .arithmetic import mul, sub
-from .node import _result, _tensor_of
+from .node import _result, as_tensor
 from .reductions import mean, sum
 
 
@@ -38,6 +38,7 @@ def cross_entropy(logits: Tensor, labels, reduction: str = "mean") -> Tensor:
     """
     if reduction not in ("mean", "sum"):
         raise ValueError(f"cross_entropy: reduction must be 'mean' or 'sum', got {reduction!r}")
+    logits = as_tensor(logits)
     labels = _check_labels(logits, labels)
     batch = logits.shape[0]
     if batch == 0:
@@ -59,7 +60,8 @@ def cross_entropy(logits: Tensor, labels, reduction: str = "mean") -> Tensor:
 
 def mse_loss(prediction: Tensor, target, reduction: str = "mean") -> Tensor:
     """Mean (or sum) of squared differences; `target` must have the prediction's shape."""
-    target = _tensor_of(target, prediction)
+    prediction = as_tensor(prediction)
+    target = as_tensor(target, prediction)
     if target.shape != prediction.shape:
         raise ValueError(f"mse_loss: prediction shape {prediction.shape} and target shape {target.shape} differ")
     if reduction not in ("mean", "sum"):

@@ -6,7 +6,7 @@ from __future__ import annotations
 import numpy as np
 
 from .. import tensor as _tensor
-from ..tensor import Tensor
+from ..tensor import Tensor, as_array, as_gradient
 
 
 def _result(data: np.ndarray, parents: tuple, backward) -> Tensor:
@@ -27,27 +27,30 @@ def _result(data: np.ndarray, parents: tuple, backward) -> Tensor:
     return out
 
 
-def _tensor_of(value, like: Tensor | None = None) -> Tensor:
+def as_tensor(value, like: Tensor | None = None) -> Tensor:
+    """`value` itself if it is a Tensor, else a constant Tensor of it: numbers and arrays take the float
+    dtype of `like` if given, else the Tensor rules (float data -> float32). An array already of that
+    dtype is used as it is, not copied: ops never write into their inputs."""
     if isinstance(value, Tensor):
         return value
     dtype = like.dtype if like is not None and like.dtype.kind == "f" else None
-    return Tensor(value, dtype=dtype)
+    return Tensor.wrap(as_array(value, dtype))
 
 
 def _pair(a, b, op: str) -> tuple:
     """Both operands as Tensors of one float dtype (numbers and integer arrays adopt the float one)."""
     a_is, b_is = isinstance(a, Tensor), isinstance(b, Tensor)
-    a = a if a_is else _tensor_of(a, b if b_is else None)
-    b = b if b_is else _tensor_of(b, a)
+    a = a if a_is else as_tensor(a, b if b_is else None)
+    b = b if b_is else as_tensor(b, a)
     if a.dtype != b.dtype:
         a_float, b_float = a.dtype.kind == "f", b.dtype.kind == "f"
         if a_float and b_float:
             raise TypeError(f"{op}: dtypes {a.dtype} and {b.dtype} differ; convert one explicitly "
                             f"(disttrain never upcasts to float64 silently)")
         if a_float:
-            b = Tensor(b.data.astype(a.dtype))
+            b = Tensor.wrap(b.data.astype(a.dtype))
         elif b_float:
-            a = Tensor(a.data.astype(b.dtype))
+            a = Tensor.wrap(a.data.astype(b.dtype))
     return a, b
 
 
@@ -78,6 +81,6 @@ def _leaf_grad(leaf: Tensor, compute):
     view = leaf._grad_view
     if view is not None and leaf.grad is None and leaf._backward is None:
         compute(view)
-        leaf.grad = view
+        leaf.grad = as_gradient(view)
         return None
     return compute(None)

@@ -5,34 +5,40 @@ from __future__ import annotations
 import numpy as np
 
 from ..tensor import Tensor
-from .node import _pair, _result, unbroadcast
+from .node import _pair, _result, as_tensor, unbroadcast
 
 
 def exp(a: Tensor) -> Tensor:
+    a = as_tensor(a)
     data = np.exp(a.data)
     return _result(data, (a,), lambda g: (g * data,))
 
 
 def log(a: Tensor) -> Tensor:
+    a = as_tensor(a)
     return _result(np.log(a.data), (a,), lambda g: (g / a.data,))
 
 
 def sqrt(a: Tensor) -> Tensor:
+    a = as_tensor(a)
     data = np.sqrt(a.data)
     return _result(data, (a,), lambda g: (g / (data + data),))
 
 
 def relu(a: Tensor) -> Tensor:
+    a = as_tensor(a)
     data = np.maximum(a.data, 0)
     return _result(data, (a,), lambda g: (g * (data > 0),))
 
 
 def tanh(a: Tensor) -> Tensor:
+    a = as_tensor(a)
     data = np.tanh(a.data)
     return _result(data, (a,), lambda g: (g * (1 - data * data),))
 
 
 def sigmoid(a: Tensor) -> Tensor:
+    a = as_tensor(a)
     # split by sign so exp never overflows
     x = a.data
     z = np.exp(-np.abs(x))
@@ -45,6 +51,7 @@ _GELU_C = 0.7978845608028654  # sqrt(2 / pi)
 
 def gelu(a: Tensor) -> Tensor:
     """GELU, tanh approximation: 0.5 x (1 + tanh(sqrt(2/pi) (x + 0.044715 x^3)))."""
+    a = as_tensor(a)
     x = a.data
     c = x.dtype.type(_GELU_C)
     k = x.dtype.type(0.044715)
@@ -58,6 +65,7 @@ def gelu(a: Tensor) -> Tensor:
 
 
 def softmax(a: Tensor, axis: int = -1) -> Tensor:
+    a = as_tensor(a)
     shifted = a.data - np.max(a.data, axis=axis, keepdims=True)
     e = np.exp(shifted)
     data = e / np.sum(e, axis=axis, keepdims=True)
@@ -68,6 +76,7 @@ def softmax(a: Tensor, axis: int = -1) -> Tensor:
 
 
 def log_softmax(a: Tensor, axis: int = -1) -> Tensor:
+    a = as_tensor(a)
     shifted = a.data - np.max(a.data, axis=axis, keepdims=True)
     data = shifted - np.log(np.sum(np.exp(shifted), axis=axis, keepdims=True))
 

@@ -1,4 +1,4 @@
-"""sum, mean, max and logsumexp over axes, with keepdims."""
+"""sum, mean, max and logsumexp over axes, with keepdims (`axes=` is accepted as another name of `axis=`)."""
 
 from __future__ import annotations
 
@@ -7,10 +7,14 @@ import builtins
 import numpy as np
 
 from ..tensor import DEFAULT_FLOAT, Tensor
-from .node import _result
+from .node import _result, as_tensor
 
 
-def _axes(axis, ndim: int) -> tuple:
+def _axes(axis, ndim: int, axes=None) -> tuple:
+    if axes is not None:
+        if axis is not None:
+            raise TypeError("give the reduced axes as axis= or axes=, not both")
+        axis = axes
     if axis is None:
         return tuple(range(ndim))
     axes = (axis,) if isinstance(axis, int) else tuple(axis)
@@ -26,8 +30,9 @@ def _expand_reduced(g: np.ndarray, shape: tuple, axes: tuple, keepdims: bool) ->
     return g
 
 
-def sum(a: Tensor, axis=None, keepdims: bool = False) -> Tensor:  # noqa: A001 - mirrors numpy
-    axes = _axes(axis, a.ndim)
+def sum(a: Tensor, axis=None, keepdims: bool = False, *, axes=None) -> Tensor:  # noqa: A001 - mirrors numpy
+    a = as_tensor(a)
+    axes = _axes(axis, a.ndim, axes)
     data = np.sum(a.data, axis=axes, keepdims=keepdims)
 
     def backward(g):
@@ -35,8 +40,9 @@ def sum(a: Tensor, axis=None, keepdims: bool = False) -> Tensor:  # noqa: A001 -
     return _result(np.asarray(data), (a,), backward)
 
 
-def mean(a: Tensor, axis=None, keepdims: bool = False) -> Tensor:
-    axes = _axes(axis, a.ndim)
+def mean(a: Tensor, axis=None, keepdims: bool = False, *, axes=None) -> Tensor:
+    a = as_tensor(a)
+    axes = _axes(axis, a.ndim, axes)
     count = 1
     for ax in axes:
         count *= a.shape[ax]
@@ -52,9 +58,10 @@ def mean(a: Tensor, axis=None, keepdims: bool = False) -> Tensor:
     return _result(data, (a,), backward)
 
 
-def max(a: Tensor, axis=None, keepdims: bool = False) -> Tensor:  # noqa: A001 - mirrors numpy
+def max(a: Tensor, axis=None, keepdims: bool = False, *, axes=None) -> Tensor:  # noqa: A001 - mirrors numpy
     """Maximum over `axis`; the gradient is shared equally among tied maxima."""
-    axes = _axes(axis, a.ndim)
+    a = as_tensor(a)
+    axes = _axes(axis, a.ndim, axes)
     if a.size == 0:
         raise ValueError(f"max of an empty tensor with shape {a.shape}")
     kept = np.max(a.data, axis=axes, keepdims=True)
@@ -68,6 +75,7 @@ def max(a: Tensor, axis=None, keepdims: bool = False) -> Tensor:  # noqa: A001 -
 
 
 def logsumexp(a: Tensor, axis=-1, keepdims: bool = False) -> Tensor:
+    a = as_tensor(a)
     axes = _axes(axis, a.ndim)
     peak = np.max(a.data, axis=axes, keepdims=True)
     peak = np.where(np.isfinite(peak), peak, 0)

@@ -5,10 +5,11 @@ from __future__ import annotations
 import numpy as np
 
 from ..tensor import Tensor
-from .node import _result, _tensor_of, unbroadcast
+from .node import _result, as_tensor, unbroadcast
 
 
 def reshape(a: Tensor, *shape) -> Tensor:
+    a = as_tensor(a)
     shape = tuple(shape[0]) if len(shape) == 1 and isinstance(shape[0], (tuple, list)) else shape
     try:
         data = a.data.reshape(shape)
@@ -18,6 +19,7 @@ def reshape(a: Tensor, *shape) -> Tensor:
 
 
 def permute(a: Tensor, *axes) -> Tensor:
+    a = as_tensor(a)
     axes = tuple(axes[0]) if len(axes) == 1 and isinstance(axes[0], (tuple, list)) else axes
     if sorted(ax % max(a.ndim, 1) for ax in axes) != list(range(a.ndim)):
         raise ValueError(f"permute: axes {axes} are not a permutation of the {a.ndim} axes of shape {a.shape}")
@@ -25,8 +27,14 @@ def permute(a: Tensor, *axes) -> Tensor:
     return _result(a.data.transpose(axes), (a,), lambda g: (g.transpose(inverse),))
 
 
-def transpose(a: Tensor, axis0: int = -2, axis1: int = -1) -> Tensor:
-    """Swap two axes (the last two by default)."""
+def transpose(a: Tensor, axis0=-2, axis1: int = -1) -> Tensor:
+    """Swap two axes (the last two by default): `transpose(0, 2)` or `transpose((0, 2))`. A tuple naming
+    every axis, as in numpy's `transpose((2, 0, 1))`, is a permutation instead."""
+    a = as_tensor(a)
+    if isinstance(axis0, (tuple, list)):
+        if len(axis0) != 2 or a.ndim == 2:
+            return permute(a, axis0)
+        axis0, axis1 = axis0
     if a.ndim < 2:
         return permute(a, tuple(range(a.ndim)))
     axes = list(range(a.ndim))
@@ -35,6 +43,7 @@ def transpose(a: Tensor, axis0: int = -2, axis1: int = -1) -> Tensor:
 
 
 def broadcast_to(a: Tensor, shape: tuple) -> Tensor:
+    a = as_tensor(a)
     shape = tuple(shape)
     try:
         data = np.broadcast_to(a.data, shape)
@@ -45,6 +54,7 @@ def broadcast_to(a: Tensor, shape: tuple) -> Tensor:
 
 def getitem(a: Tensor, key) -> Tensor:
     """a[key]: integer, slice, integer array or tuple of these (gradients of repeated indices add up)."""
+    a = as_tensor(a)
     if isinstance(key, Tensor):
         key = key.data
     elif isinstance(key, tuple):
@@ -64,13 +74,13 @@ def getitem(a: Tensor, key) -> Tensor:
 def _same_dtype(tensors, op: str) -> list:
     """The items as Tensors of one dtype: numbers, arrays and integer items adopt the float dtype."""
     like = next((t for t in tensors if isinstance(t, Tensor) and t.dtype.kind == "f"), None)
-    tensors = [_tensor_of(t, like) for t in tensors]
+    tensors = [as_tensor(t, like) for t in tensors]
     floats = sorted({str(t.dtype) for t in tensors if t.dtype.kind == "f"})
     if len(floats) > 1:
         raise TypeError(f"{op}: dtypes {floats} differ; convert one explicitly "
                         f"(disttrain never upcasts to float64 silently)")
     if floats:  # integer items adopt the float dtype, as in binary ops
-        tensors = [t if str(t.dtype) == floats[0] else Tensor(t.data, dtype=floats[0]) for t in tensors]
+        tensors = [t if str(t.dtype) == floats[0] else Tensor.wrap(t.data.astype(floats[0])) for t in tensors]
     return tensors
 
 
