@@ -1,8 +1,10 @@
 """Modules, parameters, layers, losses and initialisation.
 
-A `Module` finds its parameters and submodules by looking at its attributes (in the order they were
-assigned, so `parameters()` is the same on every rank). Layers draw their initial values from a
-`numpy.random.Generator`: the `rng=` argument, or the library-wide one that `manual_seed(s)` resets.
+A `Module` finds its parameters and submodules by looking at its attributes, and inside lists, tuples
+and dicts held there (in the order they were assigned or inserted, so `parameters()` is the same on
+every rank). Layers take Tensors or numpy arrays (float data becomes float32). They draw their
+initial values from a `numpy.random.Generator`: the `rng=` argument, or the library-wide one that
+`manual_seed(s)` resets.
 """
 
 from __future__ import annotations
@@ -38,7 +40,7 @@ def set_default_rng(rng: np.random.Generator) -> None:
 
 
 class Parameter(Tensor):
-    """A leaf Tensor that a Module trains: float32 by default, requires_grad=True."""
+    """A leaf Tensor that a Module trains: float32 by default, requires_grad=True; `data` is copied."""
 
     __slots__ = ()
 
@@ -50,9 +52,10 @@ class Parameter(Tensor):
 class Module:
     """Base class of layers and models: subclasses set attributes in `__init__` and define `forward`.
 
-    Parameters, submodules and lists/tuples of submodules held as attributes are discovered in
-    assignment order. Buffers (non-trained state such as BatchNorm statistics) are the attributes
-    named in `buffer_names`.
+    Parameters and submodules held as attributes, or inside lists, tuples and dicts held as attributes
+    (at any depth), are discovered in assignment order, then list order or dict insertion order; they
+    are named by the path to them ("heads.a.weight", "scales.0"). Buffers (non-trained state such as
+    BatchNorm statistics) are the attributes named in `buffer_names`.
     """
 
     training = True
@@ -67,13 +70,9 @@ class Module:
     # --- discovery
     def named_children(self):
         """(name, module) for every direct submodule, in attribute order."""
-        for name, value in vars(self).items():
+        for name, value in _members(self):
             if isinstance(value, Module):
                 yield name, value
-            elif isinstance(value, (list, tuple)):
-                for i, item in enumerate(value):
-                    if isinstance(item, Module):
-                        yield f"{name}.{i}", item
 
     def modules(self):
         """This module and every module below it, depth first."""
@@ -90,7 +89,7 @@ class Module:
                 yield name, param
 
     def _named_parameters(self, prefix):
-        for name, value in vars(self).items():
+        for name, value in _members(self):
             if isinstance(value, Parameter):
                 yield prefix + name, value
         for name, child in self.named_children():
@@ -153,6 +152,20 @@ class Module:
                 np.copyto(array, np.asarray(state[name]), casting="same_kind")
 
 
+def _members(module: Module):
+    """(dotted name, value) for each attribute of `module` and, inside lists, tuples and dicts held
+    there, each item (named "attr.0", "attr.key"), in attribute, list and dict insertion order."""
+    pending = list(reversed(vars(module).items()))
+    while pending:
+        name, value = pending.pop()
+        if isinstance(value, (list, tuple)):
+            pending.extend(reversed([(f"{name}.{i}", item) for i, item in enumerate(value)]))
+        elif isinstance(value, dict):
+            pending.extend(reversed([(f"{name}.{key}", item) for key, item in value.items()]))
+        else:
+            yield name, value
+
+
 # ---------------------------------------------------------------------------------------------- init
 def kaiming_uniform(shape: tuple, fan_in: int, rng: np.random.Generator | None = None) -> np.ndarray:
     """U(-b, b) with b = sqrt(6 / fan_in): He initialisation for ReLU networks, float32."""
@@ -162,7 +175,7 @@ def kaiming_uniform(shape: tuple, fan_in: int, rng: np.random.Generator | None =
 
 # -------------------------------------------------------------------------------------------- layers
 class Linear(Module):
-    """y = x @ weight.T + bias; x (batch, in_features) -> (batch, out_features). weight is (out, in)."""
+    """y = x @ weight.T + bias; x (..., in_features) -> (..., out_features). weight is (out, in)."""
 
     def __init__(self, in_features: int, out_features: int, bias: bool = True, rng=None):
         _check_positive(in_features=in_features, out_features=out_features)
@@ -233,6 +246,7 @@ class Residual(Module):
         self.module = module
 
     def forward(self, x):
+        x = ops.as_tensor(x)
         return x + self.module(x)
 
 
@@ -253,6 +267,7 @@ class Dropout(Module):
         self.rng = rng
 
     def forward(self, x):
+        x = ops.as_tensor(x)
         if not self.training or self.p == 0.0:
             return x
         keep = (self.rng or _default_rng).random(x.shape, dtype=np.float32) >= self.p
@@ -269,6 +284,7 @@ class LayerNorm1d(Module):
         self.bias = Parameter(np.zeros(dim, DEFAULT_FLOAT))
 
     def forward(self, x):
+        x = ops.as_tensor(x, self.weight)
         if x.shape[-1] != self.weight.shape[0]:
             raise ValueError(f"LayerNorm1d: input shape {x.shape} does not end in {self.weight.shape[0]}")
         centred = x - ops.mean(x, axis=-1, keepdims=True)
@@ -294,6 +310,7 @@ class BatchNorm1d(Module):
         self.running_var = np.ones(dim, DEFAULT_FLOAT)
 
     def forward(self, x):
+        x = ops.as_tensor(x, self.weight)
         if x.ndim != 2 or x.shape[1] != self.weight.shape[0]:
             raise ValueError(f"BatchNorm1d: input shape {x.shape}, expected (batch, {self.weight.shape[0]})")
         if self.training:
@@ -308,8 +325,8 @@ class BatchNorm1d(Module):
                 self.running_var *= 1 - m
                 self.running_var += m * variance.data[0] * np.float32(n / max(n - 1, 1))
         else:
-            centred = x - Tensor(self.running_mean)
-            variance = Tensor(self.running_var)
+            centred = x - Tensor.wrap(self.running_mean)
+            variance = Tensor.wrap(self.running_var)
         return centred / ops.sqrt(variance + self.eps) * self.weight + self.bias
 
 

@@ -42,6 +42,45 @@ def test_named_parameters_follow_attribute_order_with_nested_lists():
                      "heads.0.weight", "heads.0.bias", "heads.1.weight"]
 
 
+class Containers(nn.Module):
+    """Parameters and modules held in a dict, a list, a tuple and nested containers."""
+
+    def __init__(self):
+        self.heads = {"a": nn.Linear(2, 3, rng=_rng(1)), "b": nn.Linear(2, 1, bias=False, rng=_rng(2))}
+        self.scales = [nn.Parameter(np.ones(2)), nn.Parameter(np.full(3, 2.0))]
+        self.norms = ({"stats": nn.BatchNorm1d(3)},)
+        self.gains = {"z": nn.Parameter(np.ones(1)), "y": [nn.Parameter(np.zeros(1))]}
+        self.out = nn.Linear(3, 1, rng=_rng(3))
+
+
+def test_modules_and_parameters_in_lists_tuples_and_dicts_are_found_in_insertion_order():
+    model = Containers()
+    assert [name for name, _ in model.named_parameters()] == [
+        "scales.0", "scales.1", "gains.z", "gains.y.0",
+        "heads.a.weight", "heads.a.bias", "heads.b.weight", "norms.0.stats.weight", "norms.0.stats.bias",
+        "out.weight", "out.bias"]
+    assert [name for name, _ in model.named_children()] == ["heads.a", "heads.b", "norms.0.stats", "out"]
+    assert [name for name, _ in model.named_buffers()] == ["norms.0.stats.running_mean", "norms.0.stats.running_var"]
+    assert model.parameters()[0] is model.scales[0]
+    model.eval()
+    assert not model.heads["a"].training and not model.norms[0]["stats"].training
+
+
+def test_state_dict_round_trip_covers_modules_in_containers():
+    source, target = Containers(), Containers()
+    for i, param in enumerate(source.parameters()):
+        param.data[...] = i
+    source.norms[0]["stats"].running_mean[...] = 7.0
+    state = source.state_dict()
+    assert "heads.a.weight" in state and "norms.0.stats.running_mean" in state and "gains.y.0" in state
+    target.load_state_dict(state)
+    for name, value in target.state_dict().items():
+        np.testing.assert_array_equal(value, state[name], err_msg=name)
+    del state["gains.y.0"]
+    with pytest.raises(ValueError, match="gains.y.0"):
+        target.load_state_dict(state)
+
+
 def test_parameter_order_is_identical_across_constructions():
     first = [(n, p.shape) for n, p in Block().named_parameters()]
     second = [(n, p.shape) for n, p in Block().named_parameters()]
@@ -461,3 +500,50 @@ def test_mse_loss_matches_numpy_and_its_gradient():
     loss.backward()
     np.testing.assert_allclose(p.grad, 2 * diff / diff.size, rtol=1e-5, atol=1e-7)
     assert nn.MSELoss("sum")(Tensor(prediction), Tensor(target)).item() == pytest.approx((diff ** 2).sum(), rel=1e-5)
+
+
+# ------------------------------------------------------------------------------ numpy arrays as input
+@pytest.mark.parametrize("make, shape", [
+    (lambda: nn.Linear(3, 2, rng=_rng(1)), (2, 3)), (nn.ReLU, (2, 3)), (nn.Tanh, (2, 3)), (nn.Sigmoid, (2, 3)),
+    (nn.GELU, (2, 3)), (nn.Flatten, (2, 1, 3)), (lambda: nn.Dropout(0.5, rng=_rng(2)), (2, 3)),
+    (lambda: nn.LayerNorm1d(3), (2, 3)), (lambda: nn.BatchNorm1d(3), (2, 3)),
+    (lambda: nn.Residual(nn.Linear(3, 3, rng=_rng(3))), (2, 3)),
+    (lambda: nn.Sequential(nn.Linear(3, 4, rng=_rng(4)), nn.ReLU(), nn.Linear(4, 2, rng=_rng(5))), (2, 3)),
+    (lambda: nn.Conv2d(1, 2, 2, rng=_rng(6)), (2, 1, 3, 3)), (lambda: nn.MaxPool2d(2), (2, 1, 4, 4)),
+], ids=["linear", "relu", "tanh", "sigmoid", "gelu", "flatten", "dropout", "layernorm", "batchnorm", "residual",
+        "sequential", "conv2d", "maxpool2d"])
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+def test_layers_accept_numpy_arrays_like_float32_tensors(make, shape, dtype):
+    array = _rng(7).standard_normal(shape).astype(dtype)
+    out = make()(array)
+    assert isinstance(out, Tensor) and out.dtype == np.float32
+    np.testing.assert_allclose(out.data, make()(Tensor(array)).data, rtol=1e-6)
+
+
+@pytest.mark.parametrize("shape", [(3,), (4, 3), (2, 5, 3), (2, 1, 2, 3)])
+def test_linear_accepts_any_rank_ending_in_in_features(shape):
+    layer = nn.Linear(3, 2, rng=_rng(1))
+    x = Tensor(_rng(2).standard_normal(shape), requires_grad=True)
+    out = layer(x)
+    assert out.shape == shape[:-1] + (2,) and out.dtype == np.float32
+    np.testing.assert_allclose(out.data, x.data @ layer.weight.data.T + layer.bias.data, rtol=1e-6)
+    out.sum().backward()
+    rows = x.data.reshape(-1, 3)
+    np.testing.assert_allclose(layer.weight.grad, np.ones((rows.shape[0], 2)).T @ rows, rtol=1e-5)
+    np.testing.assert_allclose(layer.bias.grad, np.full(2, rows.shape[0]))
+    np.testing.assert_allclose(x.grad, np.broadcast_to(layer.weight.data.sum(axis=0), shape), rtol=1e-6)
+    with pytest.raises(ValueError, match=r"\(2, 4\)"):
+        layer(np.ones((2, 4), np.float32))
+
+
+def test_gradients_in_flat_buffer_views_are_gradients_without_copies():
+    from disttrain.distributed.flat import FlatParameters
+    from disttrain.tensor import Gradient
+
+    model = nn.Sequential(nn.Linear(3, 4, rng=_rng(1)), nn.ReLU(), nn.Linear(4, 2, rng=_rng(2)))
+    flat = FlatParameters(model.named_parameters(), 1, 1 << 20)
+    model(np.ones((5, 3), np.float32)).sum().backward()
+    for param in model.parameters():
+        assert isinstance(param.grad, Gradient) and param.grad.dtype == np.float32
+        assert np.shares_memory(param.grad, flat.flat_grads)
+        assert type(param.grad.data) is np.ndarray and np.shares_memory(param.grad.data, flat.flat_grads)
