@@ -23,7 +23,8 @@ class Optimizer:
 
     `params` is a non-empty list of Tensors with requires_grad=True. `state[i]` is the state of
     `params[i]` (arrays of the parameter's shape and dtype, plus scalars). Parameters whose `grad`
-    is None are skipped by `step()`. Subclasses define `update(param, grad, state)`.
+    is None are skipped by `step()`. Subclasses define `update(data, grad, state)` or override `step()`;
+    one that does neither raises NotImplementedError from `step()`, gradients or not.
     """
 
     def __init__(self, params):
@@ -44,6 +45,8 @@ class Optimizer:
 
     def step(self) -> None:
         """Update every parameter that has a gradient, in place."""
+        if type(self).update is Optimizer.update:
+            raise NotImplementedError(f"{type(self).__name__} must define update(data, grad, state) or step()")
         for param, state in zip(self.params, self.state):
             if param.grad is not None:
                 grad = param.grad.data if isinstance(param.grad, Tensor) else param.grad
@@ -173,10 +176,11 @@ class AdamW(Adam):
 
 # --------------------------------------------------------------------------------------- clipping
 def squared_norm(arrays) -> float:
-    """Sum of squares of all elements, accumulated in float64 (chunk by chunk, no full-size copy)."""
+    """Sum of squares of all elements of `arrays` (numpy arrays or Tensors), accumulated in float64
+    (chunk by chunk, no full-size copy)."""
     total = 0.0
     for array in arrays:
-        flat = array.reshape(-1)
+        flat = np.asarray(array).reshape(-1)
         for lo in range(0, flat.size, CHUNK_ELEMENTS):
             chunk = flat[lo:lo + CHUNK_ELEMENTS].astype(np.float64)
             total += float(chunk @ chunk)
@@ -186,7 +190,8 @@ def squared_norm(arrays) -> float:
 def clip_grad_norm(params, max_norm: float) -> float:
     """Scale gradients in place so their global L2 norm is at most `max_norm`; return the norm before.
 
-    Parameters without a gradient are ignored. The norm is computed in float64.
+    Parameters without a gradient are ignored; a gradient may be an array or a Tensor. The norm is
+    computed in float64.
     """
     max_norm = _check_range("max_norm", max_norm, 0.0)
     grads = [p.grad for p in params if p.grad is not None]
@@ -196,11 +201,12 @@ def clip_grad_norm(params, max_norm: float) -> float:
 
 
 def scale_grads(grads, norm: float, max_norm: float) -> None:
-    """Multiply `grads` in place by max_norm / norm when the norm exceeds max_norm."""
+    """Multiply `grads` (numpy arrays or Tensors) in place by max_norm / norm when the norm exceeds max_norm."""
     if norm > max_norm and math.isfinite(norm):
         factor = np.float32(max_norm / (norm + 1e-6))
         for grad in grads:
-            grad *= factor
+            array = grad.data if isinstance(grad, Tensor) else grad
+            array *= factor
 
 
 # --------------------------------------------------------------------------------------- schedules

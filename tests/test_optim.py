@@ -226,6 +226,24 @@ def test_base_optimizer_step_is_abstract():
         optim.Optimizer(params).step()
 
 
+def test_step_without_update_or_step_raises_even_when_no_parameter_has_a_gradient():
+    class Incomplete(optim.Optimizer):
+        pass
+
+    class OwnStep(optim.Optimizer):
+        def step(self):
+            self.stepped = True
+
+    with pytest.raises(NotImplementedError, match="Incomplete"):
+        Incomplete(_params()).step()
+    with pytest.raises(NotImplementedError):
+        optim.Optimizer(_params()).step()
+    own = OwnStep(_params())
+    own.step()
+    assert own.stepped
+    optim.SGD(_params()).step()  # a complete optimizer with no gradients does nothing
+
+
 # -------------------------------------------------------------------------------------------- validation
 @pytest.mark.parametrize("make, pattern", [
     (lambda ps: optim.SGD(ps, lr=-0.1), "lr"),
@@ -398,6 +416,20 @@ def test_clip_grad_norm_returns_pre_clip_norm_and_scales_to_max_norm():
             assert p.grad.dtype == np.float32
             np.testing.assert_allclose(p.grad, g * (1.5 / expected_norm), rtol=1e-5)
     assert params[1].grad is None
+
+
+def test_clip_grad_norm_scales_gradients_given_as_tensors_in_place():
+    params = [Tensor(np.zeros(2), requires_grad=True), Tensor(np.zeros(1), requires_grad=True)]
+    grads = [Tensor(np.array([3.0, 0.0])), Tensor(np.array([4.0]))]
+    arrays = [g.data for g in grads]
+    params[0].grad, params[1].grad = grads
+    assert optim.clip_grad_norm(params, max_norm=1.0) == pytest.approx(5.0)
+    assert params[0].grad is grads[0] and params[0].grad.data is arrays[0]
+    np.testing.assert_allclose(arrays[0], [0.6, 0.0], rtol=1e-5)
+    np.testing.assert_allclose(arrays[1], [0.8], rtol=1e-5)
+    assert optim.squared_norm(grads) == pytest.approx(1.0, rel=1e-5)
+    optim.scale_grads(grads, 2.0, 1.0)
+    np.testing.assert_allclose(arrays[1], [0.4], rtol=1e-5)
 
 
 def test_clip_grad_norm_leaves_small_gradients_alone():
