@@ -61,10 +61,14 @@ class DistributedSampler:
 
     Every rank computes the same permutation of range(dataset_len) from (seed, epoch). `batches(B)`
     yields, for each global batch of B consecutive samples of that permutation (the last may be
-    shorter unless drop_last), this rank's contiguous part of it and the batch's global size.
+    shorter unless drop_last), this rank's contiguous part of it and the batch's global size. Each
+    call of `batches()` starts the epoch at its first sample, except the first call after
+    `load_state_dict()`, which continues where the saved sampler was (a resumed run, even on another
+    world size, continues at the exact sample); `set_epoch()` to another epoch cancels that.
+    `consumed` counts the samples of the epoch handed out so far.
     Iterating the sampler itself yields this rank's part of the whole epoch taken as one batch, so
-    across ranks every sample appears exactly once. `state_dict()` records the epoch and the samples
-    consumed, so a resumed run - even on another world size - continues at the exact sample.
+    across ranks every sample appears exactly once (with drop_last, every rank gets
+    dataset_len // num_replicas samples and the last dataset_len % num_replicas are left out).
     """
 
     def __init__(self, dataset_len: int, num_replicas: int = 1, rank: int = 0, shuffle: bool = True,
@@ -79,11 +83,13 @@ class DistributedSampler:
         self.shuffle, self.seed, self.drop_last = bool(shuffle), int(seed), bool(drop_last)
         self.epoch = 0
         self.consumed = 0  # samples of this epoch's permutation already handed out (global count)
+        self._resuming = False  # the next batches() continues at `consumed` (set by load_state_dict)
 
     def set_epoch(self, epoch: int) -> None:
-        """Start epoch `epoch` (a new permutation) from its beginning, unless resuming inside it."""
+        """Start epoch `epoch` (a new permutation) from its beginning; the same epoch again changes
+        nothing (so a loaded position inside it is kept)."""
         if epoch != self.epoch:
-            self.epoch, self.consumed = int(epoch), 0
+            self.epoch, self.consumed, self._resuming = int(epoch), 0, False
 
     def permutation(self) -> np.ndarray:
         """The global order of samples for the current epoch (identical on every rank)."""
@@ -102,12 +108,17 @@ class DistributedSampler:
         return self.num_batches(batch_size) * batch_size if self.drop_last else self.dataset_len
 
     def batches(self, batch_size: int):
-        """Yield (this rank's indices, global_count) per global batch, from the current position."""
+        """Yield (this rank's indices, global_count) per global batch of the current epoch, from its
+        start (or, right after load_state_dict, from the loaded position)."""
         if not isinstance(batch_size, (int, np.integer)) or batch_size <= 0:
             raise ValueError(f"batch_size must be a positive integer, got {batch_size!r}")
+        return self._batches(int(batch_size))
+
+    def _batches(self, batch_size: int):
         end = self.epoch_end(batch_size)
-        if self.consumed >= end:  # iterating again without set_epoch: the same epoch once more
+        if not self._resuming:
             self.consumed = 0
+        self._resuming = False
         order = self.permutation()
         while self.consumed < end:
             lo = self.consumed
@@ -117,12 +128,17 @@ class DistributedSampler:
             yield order[lo + start:lo + stop], hi - lo
 
     def __iter__(self):
-        start, stop = split_evenly(self.dataset_len, self.num_replicas, self.rank)
+        start, stop = self._own_samples()
         return iter(self.permutation()[start:stop].tolist())
 
     def __len__(self) -> int:
-        start, stop = split_evenly(self.dataset_len, self.num_replicas, self.rank)
+        start, stop = self._own_samples()
         return stop - start
+
+    def _own_samples(self) -> tuple:
+        """[start, stop) of this rank's part of the permutation when the epoch is one batch."""
+        total = self.dataset_len // self.num_replicas * self.num_replicas if self.drop_last else self.dataset_len
+        return split_evenly(total, self.num_replicas, self.rank)
 
     def state_dict(self) -> dict:
         return {"epoch": self.epoch, "consumed": self.consumed, "seed": self.seed,
@@ -134,6 +150,7 @@ class DistributedSampler:
                              f"this one has {self.dataset_len}")
         self.epoch, self.consumed = int(state["epoch"]), int(state["consumed"])
         self.seed, self.shuffle = int(state["seed"]), bool(state["shuffle"])
+        self._resuming = True
 
 
 class DataLoader:
@@ -142,15 +159,25 @@ class DataLoader:
     With a DistributedSampler, `batch_size` is the GLOBAL batch size and each iteration yields this
     rank's part of the next global batch; `global_count` is then the size of the whole batch (the
     weight of this rank's gradient is len(part) / global_count). Without a sampler it is a plain
-    loader over the whole dataset (shuffled per epoch with `seed` if `shuffle`).
+    loader over the whole dataset (shuffled with `seed` if `shuffle`, a new order each iteration).
+    Every iteration starts an epoch at its first sample (a loop left early, or a peek with
+    `next(iter(loader))`, does not make the next loop start mid-epoch), except the first after the
+    sampler's `load_state_dict()`. `dataset` is anything indexable by an array of sample indices, or
+    a pair (features, labels) of arrays, which becomes an ArrayDataset.
     """
 
     def __init__(self, dataset, batch_size: int, sampler: DistributedSampler | None = None,
                  shuffle: bool = False, seed: int = 0, drop_last: bool = False):
         if not isinstance(batch_size, (int, np.integer)) or batch_size <= 0:
             raise ValueError(f"batch_size must be a positive integer, got {batch_size!r}")
+        if isinstance(dataset, (tuple, list)):
+            if len(dataset) != 2:
+                raise ValueError(f"DataLoader: a {type(dataset).__name__} dataset must be (features, labels), "
+                                 f"got {len(dataset)} items")
+            dataset = ArrayDataset(np.asarray(dataset[0]), np.asarray(dataset[1]))
         self.dataset, self.batch_size = dataset, int(batch_size)
         self._owns_sampler = sampler is None
+        self._iterated = False  # a plain loader shuffles anew from its second iteration on
         self.sampler = sampler or DistributedSampler(len(dataset), 1, 0, shuffle=shuffle, seed=seed,
                                                      drop_last=drop_last)
         if self.sampler.dataset_len != len(dataset):
@@ -162,8 +189,9 @@ class DataLoader:
 
     def __iter__(self):
         sampler = self.sampler
-        if self._owns_sampler and sampler.consumed >= sampler.epoch_end(self.batch_size):
-            sampler.set_epoch(sampler.epoch + 1)  # a plain loader reshuffles every epoch
-        for indices, global_count in self.sampler.batches(self.batch_size):
+        if self._owns_sampler and self._iterated and not sampler._resuming:
+            sampler.set_epoch(sampler.epoch + 1)
+        self._iterated = True
+        for indices, global_count in sampler.batches(self.batch_size):
             self.global_count = global_count
             yield self.dataset[indices]
