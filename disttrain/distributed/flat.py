@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import numpy as np
 
+from ..tensor import Gradient
+
 ALIGN_ELEMENTS = 16  # each rank's chunk starts on a 64-byte boundary
 
 
@@ -91,7 +93,7 @@ class FlatParameters:
             view = self.flat_params[offset:offset + size].reshape(shape)
             self.views.append(view)
             view[...] = param.data
-            grad_view = self.flat_grads[offset:offset + size].reshape(shape)
+            grad_view = self.flat_grads[offset:offset + size].reshape(shape).view(Gradient)
             if param.grad is not None:
                 grad_view[...] = param.grad
                 param.grad = grad_view
