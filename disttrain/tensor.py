@@ -73,10 +73,11 @@ class Gradient(np.ndarray):
         return self.view(np.ndarray)
 
     def __array_wrap__(self, array, context=None, return_scalar=False):
-        # reductions (g.sum(), g.max()) give numpy scalars, as they do for a plain array
+        # reductions (g.sum(), g.max()) give numpy scalars, as they do for a plain array (numpy >= 2
+        # passes return_scalar; numpy 1.x takes only two arguments)
         if return_scalar:
             return array[()]
-        return super().__array_wrap__(array, context, return_scalar)
+        return super().__array_wrap__(array, context)
 
 
 class Tensor:
