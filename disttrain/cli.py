@@ -10,11 +10,14 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shlex
 import signal
 import sys
 import threading
 
 AGREED_EXIT_GRACE_SECONDS = 20  # MPI_Finalize of every rank normally takes well under a second
+# where launchers put a process's rank: read by commands that never initialise MPI (export, plot)
+RANK_VARIABLES = ("PMI_RANK", "OMPI_COMM_WORLD_RANK", "PMIX_RANK", "SLURM_PROCID")
 
 EPILOG = """examples:
   disttrain train examples/digits_mlp.toml                      one process
@@ -41,24 +44,55 @@ def main(argv=None) -> int:
     if args.command is None:
         parser.print_help()
         return 2
-    return args.run(args)
+    try:
+        code = args.run(args)
+        sys.stdout.flush()  # here, not at exit, so that a closed stdout is handled below
+    except BrokenPipeError:  # the reader went away (`disttrain info | head -1`): nothing more to say
+        _drop_stdout()
+        return 1
+    return code
+
+
+def _drop_stdout() -> None:
+    """Point stdout at /dev/null, so Python's final flush of what is still buffered does not fail again."""
+    devnull = os.open(os.devnull, os.O_WRONLY)
+    os.dup2(devnull, sys.stdout.fileno())
+    os.close(devnull)
+
+
+def launcher_rank() -> int:
+    """This process's rank in an MPI/SLURM job as the launcher's environment says (0 outside a job),
+    found without initialising MPI."""
+    for name in RANK_VARIABLES:
+        value = os.environ.get(name, "")
+        if value.isdigit():
+            return int(value)
+    return 0
 
 
 def _parser() -> argparse.ArgumentParser:
+    from . import __version__
+
     parser = argparse.ArgumentParser(
         prog="disttrain", formatter_class=argparse.RawDescriptionHelpFormatter, epilog=EPILOG,
         description="Data-parallel training on CPUs: numpy autograd, MPI, ZeRO-1 sharded optimizers.")
+    parser.add_argument("--version", action="version", version=f"disttrain {__version__}")
     commands = parser.add_subparsers(dest="command", metavar="COMMAND")
 
     train = commands.add_parser("train", help="train a model described by a TOML config",
-                                formatter_class=argparse.RawDescriptionHelpFormatter, epilog=EPILOG)
-    train.add_argument("config", help="TOML file with [model], [data], [optimizer], [training], [checkpoint]")
+                                formatter_class=argparse.RawDescriptionHelpFormatter, epilog=EPILOG,
+                                usage="disttrain train [-h] CONFIG.toml [--set SECTION.KEY=VALUE] [--resume [PATH]] "
+                                      "[--run-dir RUN_DIR]")
+    # optional to argparse only so that `train --resume CONFIG.toml` (the flag took the config) can be
+    # told apart from a missing config: see _train_arguments
+    train.add_argument("config", nargs="?", metavar="CONFIG.toml",
+                       help="TOML file with [model], [data], [optimizer], [training], [checkpoint]")
     train.add_argument("--set", action="append", default=[], metavar="SECTION.KEY=VALUE",
                        help="override one config key (repeatable), e.g. --set training.epochs=5")
     train.add_argument("--resume", nargs="?", const=True, default=None, metavar="PATH",
                        help="continue from the latest good checkpoint of the run (or from PATH)")
     train.add_argument("--run-dir", help="where metrics.jsonl and checkpoints go (training.run_dir)")
-    train.set_defaults(run=_train)
+    train.set_defaults(run=_train, parser=train)
 
     evaluate = commands.add_parser("eval", help="evaluate the latest (or a given) checkpoint on the test set")
     evaluate.add_argument("path", help="run directory, checkpoint directory, or one step-XXXXXXXX checkpoint")
@@ -143,35 +177,43 @@ def _guarded(command):
         return _fail(comm, error)
     except ValueError as error:  # bad input found on this rank alone, perhaps
         return _fail(comm, error, agreed=False)
+    except BrokenPipeError:  # stdout's reader went away: end quietly, and end the job (others may be waiting)
+        _drop_stdout()
+        if comm is not None and comm.size > 1:
+            comm.abort(1)
+        return 1
 
 
 # ------------------------------------------------------------------------------------------ train
 def build_run(config: dict, comm):
-    """(model, train, test, loss_fn, task) for a validated config; checks the model accepts the data."""
+    """(model, train, test, loss_fn, info) for a validated config; checks the model accepts the data.
+    COLLECTIVE: every rank of `comm` calls it (the data load scans each rank's rows, then agrees)."""
     from . import models, nn
     from .config import ConfigError
     from .datasets import load_data
 
-    train, test, info = load_data(config["data"])
+    train, test, info = load_data(config["data"], comm)
     nn.manual_seed(config["training"]["seed"])  # the same initial model on every rank
+    loss_fn = nn.SoftmaxLoss() if info["task"] == "classification" else nn.MSELoss()
     try:
         model = models.build_model(config["model"], info["input_shape"], info["classes"])
-        check_model_fits(model, train, info)
+        check_model_fits(model, train, info, loss_fn)
     except ConfigError:
         raise
     except ValueError as error:  # from the same config and data on every rank: an agreed error
         raise ConfigError(str(error)) from None
-    loss_fn = nn.SoftmaxLoss() if info["task"] == "classification" else nn.MSELoss()
     return model, train, test, loss_fn, info
 
 
-def check_model_fits(model, dataset, info: dict) -> None:
-    """Raise ValueError unless `model` accepts two samples of `dataset` and outputs info["classes"] values."""
+def check_model_fits(model, dataset, info: dict, loss_fn=None) -> None:
+    """Raise ValueError unless `model` accepts two samples of `dataset`, outputs info["classes"] values
+    per sample, and `loss_fn` (default: the task's, as build_run chooses) takes that output and the labels."""
+    from . import nn
     from .tensor import Tensor, no_grad
 
     import numpy as np
 
-    x, _ = dataset[np.arange(min(2, len(dataset)))]
+    x, labels = dataset[np.arange(min(2, len(dataset)))]
     was_training = model.training
     model.eval()
     try:
@@ -185,14 +227,23 @@ def check_model_fits(model, dataset, info: dict) -> None:
     if info["task"] == "classification" and (output.ndim != 2 or output.shape[1] < info["classes"]):
         raise ValueError(f"the model outputs shape {output.shape} but the labels need {info['classes']} classes "
                          f"(labels go up to {info['classes'] - 1}); expected (batch, {info['classes']})")
-    if info["task"] == "regression" and output.shape != expected and output.shape != (len(x),):
+    if info["task"] == "regression" and output.shape != expected:
         raise ValueError(f"the model outputs shape {output.shape}, the targets need {expected}")
+    if loss_fn is None:
+        loss_fn = nn.SoftmaxLoss() if info["task"] == "classification" else nn.MSELoss()
+    try:
+        with no_grad():
+            loss_fn(output, labels)
+    except (ValueError, TypeError, IndexError) as error:
+        raise ValueError(f"the loss does not accept the model's output {output.shape} with labels of shape "
+                         f"{labels.shape} {labels.dtype}: {error}") from None
 
 
 def _train(args) -> int:
     from .config import load_config
     from .trainer import Trainer, catch_stop_signals
 
+    _train_arguments(args)
     catch_stop_signals()  # a batch system's warning signal may come while the data loads
 
     overrides = list(args.set) + ([f"training.run_dir={json.dumps(args.run_dir)}"] if args.run_dir else [])
@@ -203,7 +254,10 @@ def _train(args) -> int:
         if comm.rank == 0:
             print(f"disttrain: {config['model']['name']} on {info['description']}", flush=True)
         trainer = Trainer(model, train, loss_fn, test, comm, config["optimizer"], config["training"],
-                          config["checkpoint"], config=config, task=info["task"])
+                          config["checkpoint"], config=config, task=info["task"],
+                          resume_command=resume_command(args))
+        # an explicit PATH goes through as given: the trainer refuses one that holds no checkpoint,
+        # while a bare --resume (True) on a run dir without checkpoints starts fresh (a requeued job)
         summary = trainer.fit(resume=args.resume)
         # the work is saved: a stop signal from now on is moot. Ignore it, or it meets the default action
         # (Python restores it at exit, while MPI_Finalize still runs) and a finished job exits 15, not 0
@@ -220,6 +274,28 @@ def _train(args) -> int:
             print("done: " + ", ".join(parts), flush=True)
         return 0
     return _guarded(command)
+
+
+def _train_arguments(args) -> None:
+    """Complete `train`'s arguments: `train --resume CONFIG.toml` is a resume of that config (the flag,
+    taking an optional PATH, took the config); no config at all is a usage error (exit 2)."""
+    if args.config is not None:
+        return
+    if isinstance(args.resume, str) and args.resume.endswith(".toml"):
+        args.config, args.resume = args.resume, True
+        return
+    args.parser.error("the following arguments are required: CONFIG.toml")
+
+
+def resume_command(args) -> str:
+    """The shell command that continues this run after a stop signal: the same config path as given,
+    the same --set and --run-dir arguments, and --resume (the run's latest checkpoint)."""
+    words = ["disttrain", "train", args.config]
+    for text in args.set:
+        words += ["--set", text]
+    if args.run_dir:
+        words += ["--run-dir", args.run_dir]
+    return shlex.join(words + ["--resume"])
 
 
 # ---------------------------------------------------------------------------------- eval, export
@@ -250,10 +326,14 @@ def _eval(args) -> int:
 
 
 def _export(args) -> int:
+    """Write the .npz on rank 0 of a launched job only (serial: MPI is never initialised here), so that
+    `mpiexec -n N disttrain export` does not have N processes writing one file."""
     import numpy as np
 
     from . import checkpoint
 
+    if launcher_rank() != 0:
+        return 0
     try:
         params, manifest, path = checkpoint.read_model(args.path)
         arrays = dict(params)
@@ -261,7 +341,10 @@ def _export(args) -> int:
             state = checkpoint.consolidated_optimizer_state(path, manifest)
             for key, per_param in state.items():
                 arrays.update({f"optimizer.{key}.{name}": value for name, value in per_param.items()})
-        temporary = args.output + ".tmp"
+            # the optimizer's scalars (Adam's step count), as 0-d arrays
+            arrays.update({f"optimizer.{key}": np.asarray(value)
+                           for key, value in manifest["optimizer"].get("scalars", {}).items()})
+        temporary = f"{args.output}.tmp-{os.getpid()}"
         with open(temporary, "wb") as handle:
             np.savez(handle, **arrays)
         os.replace(temporary, args.output)
@@ -274,8 +357,11 @@ def _export(args) -> int:
 
 # ------------------------------------------------------------------------------------- plot, info
 def _plot(args) -> int:
+    """Write the PNG on rank 0 of a launched job only (see _export)."""
     from .plotting import PlotError, plot
 
+    if launcher_rank() != 0:
+        return 0
     try:
         output = plot(args.path, args.output)
     except PlotError as error:

@@ -7,6 +7,7 @@ out-of-range value raises ConfigError naming the key, the value and what is allo
 
 from __future__ import annotations
 
+import json
 import math
 import os
 import sys
@@ -22,17 +23,19 @@ class ConfigError(ValueError):
 
 
 class Field:
-    """One config key: its kind ("int", "float", "bool", "str", "ints", "table"), default, and rule."""
+    """One config key: its kind ("int", "float", "bool", "str", "ints", "table"), default, and rule.
+    `or_callable`: a "str" with choices also accepts 'module:callable' (any value holding a colon)."""
 
     def __init__(self, kind: str, default, help: str, low=None, high=None, choices=None,
-                 low_open: bool = False, high_open: bool = False):
+                 low_open: bool = False, high_open: bool = False, or_callable: bool = False):
         self.kind, self.default, self.help = kind, default, help
         self.low, self.high, self.choices = low, high, choices
-        self.low_open, self.high_open = low_open, high_open
+        self.low_open, self.high_open, self.or_callable = low_open, high_open, or_callable
 
     def allowed(self) -> str:
         if self.choices:
-            return "one of " + ", ".join(repr(c) for c in self.choices)
+            names = [repr(c) for c in self.choices] + (["'module:callable'"] if self.or_callable else [])
+            return "one of " + ", ".join(names[:-1]) + (", or " if self.or_callable else ", ") + names[-1]
         parts = {"int": "an integer", "float": "a number", "bool": "true or false", "str": "a string",
                  "ints": "a list of positive integers", "table": "a table"}[self.kind]
         if self.low is not None or self.high is not None:
@@ -58,7 +61,7 @@ class Field:
         elif self.kind == "str":
             if not isinstance(value, str):
                 fail()
-            if self.choices and value not in self.choices and not (key == "model.name" and ":" in value):
+            if self.choices and value not in self.choices and not (self.or_callable and ":" in value):
                 fail()
             return value
         elif self.kind == "ints":
@@ -81,7 +84,7 @@ SCHEMA = {
     "model": {
         "name": Field("str", "mlp", "built-in model, or 'module:callable' importable from the working "
                       "directory (called with input_shape=, classes= and the [model.options] table)",
-                      choices=("mlp", "cnn")),
+                      choices=("mlp", "cnn"), or_callable=True),
         "hidden": Field("ints", [128], "mlp: widths of the hidden layers"),
         "activation": Field("str", "relu", "mlp: hidden activation", choices=("relu", "tanh", "gelu", "sigmoid")),
         "dropout": Field("float", 0.0, "mlp: dropout probability after each hidden layer", low=0.0, high=1.0,
@@ -100,7 +103,9 @@ SCHEMA = {
         "split_seed": Field("int", 0, "seed of the train/test split", low=0),
         "samples": Field("int", 4096, "synthetic: number of samples", low=1),
         "features": Field("int", 32, "synthetic: features per sample", low=1),
-        "classes": Field("int", 10, "synthetic: classes (classification) or outputs (regression)", low=1),
+        "classes": Field("int", 0, "classes (classification) or outputs per sample (regression); 0: infer "
+                         "from the training labels (synthetic: 10); set, every label must lie in 0..classes-1",
+                         low=0),
         "task": Field("str", "classification", "synthetic: task", choices=("classification", "regression")),
         "noise": Field("float", 0.1, "synthetic: label/target noise", low=0.0),
         "seed": Field("int", 0, "synthetic: generator seed", low=0),
@@ -173,6 +178,8 @@ def validate(raw: dict, source: str = "config") -> dict:
         raise ConfigError(f"{source}: expected a table of sections, got {type(raw).__name__}")
     config = defaults()
     for section, values in raw.items():
+        if section not in SCHEMA and not isinstance(values, dict):
+            raise ConfigError(f"{source}: {_top_level_key(section, values)}")
         if section not in SCHEMA:
             close = _closest(section, SCHEMA)
             hint = f" (did you mean [{close}]?)" if close else ""
@@ -182,12 +189,31 @@ def validate(raw: dict, source: str = "config") -> dict:
         for key, value in values.items():
             field = SCHEMA[section].get(key)
             if field is None:
-                close = _closest(key, SCHEMA[section])
-                hint = f" (did you mean '{close}'?)" if close else ""
-                raise ConfigError(f"{source}: unknown key '{section}.{key}'{hint}; allowed keys in "
+                raise ConfigError(f"{source}: unknown key '{section}.{key}'{_key_hint(section, key)}; allowed keys in "
                                   f"[{section}]: {', '.join(SCHEMA[section])}")
-            config[section][key] = field.check(f"{section}.{key}", value)
+            try:
+                config[section][key] = field.check(f"{section}.{key}", value)
+            except ConfigError as error:
+                raise ConfigError(f"{source}: {error}") from None
     return config
+
+
+def _top_level_key(key: str, value) -> str:
+    """The error for `key = value` outside any section (TOML puts a key in the [section] above it)."""
+    homes = [section for section, fields in SCHEMA.items() if key in fields]
+    where = " or ".join(f"[{section}] {key}" for section in homes)
+    hint = (f" (did you mean {where}?); put it under that section's header" if homes
+            else f"; allowed sections: {', '.join(SCHEMA)}")
+    return f"key '{key}' = {value!r} is outside any section{hint}: every key belongs to the [section] above it"
+
+
+def _key_hint(section: str, key: str) -> str:
+    """' (did you mean ...?)' for an unknown key: the same key in another section, else a close name."""
+    homes = [f"{other}.{key}" for other, fields in SCHEMA.items() if other != section and key in fields]
+    if homes:
+        return f" (did you mean {' or '.join(homes)}?)"
+    close = _closest(key, SCHEMA[section])
+    return f" (did you mean '{close}'?)" if close else ""
 
 
 def _closest(key: str, fields: dict) -> str | None:
@@ -245,10 +271,24 @@ def check_consistency(config: dict) -> None:
 
 
 def describe() -> str:
-    """Every section and key with its default and rule, for `--help`-style listings."""
+    """Every section and key with its default and rule, for `--help`-style listings; the text is
+    itself a valid TOML config holding every default."""
     lines = []
     for section, fields in SCHEMA.items():
         lines.append(f"[{section}]")
         for key, field in fields.items():
-            lines.append(f"  {key} = {field.default!r}   # {field.help}; {field.allowed()}")
+            lines.append(f"  {key} = {toml_value(field.default)}   # {field.help}; {field.allowed()}")
     return "\n".join(lines)
+
+
+def toml_value(value) -> str:
+    """`value` (bool, int, float, str, list or dict of those) written as TOML."""
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, str):
+        return json.dumps(value)  # a JSON string is a TOML basic string
+    if isinstance(value, (list, tuple)):
+        return "[" + ", ".join(toml_value(item) for item in value) + "]"
+    if isinstance(value, dict):
+        return "{" + ", ".join(f"{key} = {toml_value(item)}" for key, item in value.items()) + "}"
+    return repr(value)

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import difflib
 import importlib
+import inspect
 import os
 import sys
 
@@ -83,7 +85,35 @@ def build_model(section: dict, input_shape, classes: int, rng=None) -> nn.Module
     if name == "cnn":
         return cnn(input_shape, classes, section["channels"], rng=rng)
     factory = user_callable(name)
+    check_factory_accepts(factory, name, section["options"])
     model = factory(input_shape=tuple(input_shape), classes=classes, **section["options"])
     if not isinstance(model, nn.Module):
         raise ValueError(f"model.name = {name!r} returned a {type(model).__name__}, not a disttrain.nn.Module")
     return model
+
+
+def check_factory_accepts(factory, spec: str, options: dict) -> None:
+    """Raise ConfigError unless `factory` can be called with input_shape=, classes= and every key of
+    model.options as keyword arguments (a factory with **kwargs accepts any). A callable whose
+    signature Python cannot read (some built-ins) is not checked."""
+    from .config import ConfigError
+
+    try:
+        parameters = inspect.signature(factory).parameters.values()
+    except (TypeError, ValueError):
+        return
+    if any(p.kind is inspect.Parameter.VAR_KEYWORD for p in parameters):
+        return
+    accepted = [p.name for p in parameters
+                if p.kind in (inspect.Parameter.POSITIONAL_OR_KEYWORD, inspect.Parameter.KEYWORD_ONLY)]
+    missing = [name for name in ("input_shape", "classes") if name not in accepted]
+    if missing:
+        raise ConfigError(f"model.name = {spec!r}: the callable must accept the keyword arguments input_shape= and "
+                          f"classes= (or **kwargs); its parameters are ({', '.join(accepted)})")
+    for key in options:
+        if key not in accepted:
+            others = [name for name in accepted if name not in ("input_shape", "classes")]
+            close = difflib.get_close_matches(key, others, n=1)
+            hint = f" (did you mean '{close[0]}'?)" if close else ""
+            raise ConfigError(f"model.options.{key} is not a parameter of {spec}{hint}; it accepts "
+                              f"{', '.join(others) if others else 'no options'} (besides input_shape and classes)")

@@ -60,22 +60,28 @@ def _plot_run(records: list, output: str) -> str:
     figure, axes = plt.subplots(1, 2 if has_accuracy else 1, figsize=(11 if has_accuracy else 6, 4), squeeze=False)
     loss_axis = axes[0][0]
     if train:
-        loss_axis.plot([r["step"] for r in train], [r["loss"] for r in train], label="train loss", lw=1)
+        loss_axis.plot([r["step"] for r in train], _values(train, "loss"), label="train loss", lw=1)
     if evals:
-        loss_axis.plot([r["step"] for r in evals], [r["test_loss"] for r in evals], "o-", label="test loss")
+        loss_axis.plot([r["step"] for r in evals], _values(evals, "test_loss"), "o-", label="test loss")
     loss_axis.set_xlabel("step")
     loss_axis.set_ylabel("loss")
     loss_axis.set_yscale("log")
     loss_axis.legend()
     if has_accuracy:
         accuracy = [r for r in evals if "test_accuracy" in r]
-        axes[0][1].plot([r["step"] for r in accuracy], [r["test_accuracy"] for r in accuracy], "o-", color="C2")
+        axes[0][1].plot([r["step"] for r in accuracy], _values(accuracy, "test_accuracy"), "o-", color="C2")
         axes[0][1].set_xlabel("step")
         axes[0][1].set_ylabel("test accuracy")
     figure.tight_layout()
     figure.savefig(output, dpi=110)
     plt.close(figure)
     return output
+
+
+def _values(records: list, key: str) -> list:
+    """records' `key` as floats; a missing value or null (a non-finite number in metrics.jsonl) is NaN,
+    which leaves a gap in the line."""
+    return [float("nan") if r.get(key) is None else r[key] for r in records]
 
 
 def _plot_bench(data: dict, output: str) -> str:

@@ -4,6 +4,7 @@ batch logs, and RUN_DIR/metrics.jsonl (one JSON object per line, flushed, safe t
 from __future__ import annotations
 
 import json
+import math
 import os
 import sys
 import time
@@ -34,7 +35,9 @@ class MetricsFile:
         self.handle.flush()
 
     def write(self, record: dict) -> None:
-        self.handle.write(json.dumps(record) + "\n")
+        """Append `record` as one line of strict JSON: a NaN or infinite number is written as null
+        (Python's json would write the bare NaN/Infinity that other JSON readers reject)."""
+        self.handle.write(json.dumps(_finite_or_null(record), allow_nan=False) + "\n")
         self.handle.flush()
 
     def close(self) -> None:
@@ -83,6 +86,17 @@ class Progress:
 
     def wants_line(self, step: int, log_every: int) -> bool:
         return self.mode == "bar" or (self.mode == "lines" and step % log_every == 0)
+
+
+def _finite_or_null(value):
+    """`value` with every non-finite float (nested in dicts and lists too) replaced by None."""
+    if isinstance(value, float):
+        return value if math.isfinite(value) else None
+    if isinstance(value, dict):
+        return {key: _finite_or_null(item) for key, item in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_finite_or_null(item) for item in value]
+    return value
 
 
 def _duration(seconds: float) -> str:

@@ -4,15 +4,21 @@ Each case feeds `disttrain train` one mistake a user can make - in the config, t
 model or the resume path - and checks: exit code 1 within seconds (no rank left waiting), exactly one
 `disttrain: error:` line holding the case's key words, no traceback at all (so none from deep inside
 numpy), and no process left behind. Cases whose bad rows sit late in a file - in the part of the data
-only the last rank trains on - also run on 3 ranks. The last test covers bad rows that no load-time
-check can see (a data set built in memory): all ranks must stop at the same step with the same message.
+only the last rank trains on - also run on 3 ranks; cases about the data files also run as one plain
+process. Label files of an odd but usable shape must train. A NaN scan of a large file is split among
+the ranks (each reads only its rows) and still ends in one agreed error. The last test covers bad rows
+that no load-time check can see (a data set built in memory): all ranks must stop at the same step with
+the same message.
 """
 
+import gzip
 import os
 import sys
 
 import numpy as np
 import pytest
+
+import launch
 
 WORKERS = os.path.join(os.path.dirname(__file__), "workers")
 sys.path.insert(0, WORKERS)
@@ -70,12 +76,44 @@ def data(tmp_path_factory):
     _save(directory, "x_empty.npy", np.zeros((0, FEATURES), np.float32))
     _save(directory, "y_empty.npy", np.zeros(0, np.int64))
     _save(directory, "x_flat.npy", x[:, 0])
-    with open(os.path.join(directory, "not_numpy.npy"), "w") as handle:
-        handle.write("feature_1,feature_2\n0.5,0.25\n")
+    for name in ("not_numpy.npy", "not_numpy.npz"):
+        with open(os.path.join(directory, name), "w") as handle:
+            handle.write("feature_1,feature_2\n0.5,0.25\n")
+    _save(directory, "y_column.npy", y[:, None])  # (n, 1) integers: squeezed to (n,)
+    _save(directory, "y_pairs.npy", np.stack([y, y], axis=1))  # (n, 2) integers: not class labels
+    _save(directory, "t_vector.npy", x[:, 0] * 2 + 1)  # (n,) floats: one regression output
+    _save(directory, "t_cube.npy", np.zeros((ROWS, 2, 2), np.float32))
+    _save(directory, "x_test.npy", x[:40])
+    y_test_beyond = y[:40].copy()
+    y_test_beyond[7] = 7  # the training labels only reach 2
+    _save(directory, "y_test_beyond.npy", y_test_beyond)
+    np.savez(os.path.join(directory, "xy.npz"), x=x, y=y)
+    _write_idx_directory(os.path.join(directory, "idx"), rng, train_top=2, test_top=2)
+    _write_idx_directory(os.path.join(directory, "idx_test_beyond"), rng, train_top=2, test_top=5)
     return directory
 
 
-# (id, --set overrides, key words of the one error line, options); "{data}" is the data directory
+def _write_idx(path, array, gzipped=False):
+    """`array` (uint8) as an MNIST-format IDX file."""
+    header = bytes([0, 0, 0x08, array.ndim]) + b"".join(int(n).to_bytes(4, "big") for n in array.shape)
+    with (gzip.open if gzipped else open)(path, "wb") as handle:
+        handle.write(header + array.astype(np.uint8).tobytes())
+
+
+def _write_idx_directory(directory, rng, train_top, test_top):
+    """Tiny 8x8 IDX train/t10k files whose labels go up to train_top / test_top."""
+    os.makedirs(directory)
+    for split, count, top in (("train", ROWS, train_top), ("t10k", 40, test_top)):
+        _write_idx(os.path.join(directory, f"{split}-images-idx3-ubyte"), rng.integers(0, 256, (count, 8, 8)))
+        labels = rng.integers(0, train_top + 1, count)
+        labels[-1] = top
+        _write_idx(os.path.join(directory, f"{split}-labels-idx1-ubyte.gz"), labels, gzipped=True)
+
+
+# (id, --set overrides, key words of the one error line, options); "{data}" is the data directory.
+# options: shard (also 3 ranks: the bad rows are the last rank's), files (also one plain process),
+# absent (words the error must not hold), config/config_text/config_extra/drop_section/top (the config
+# file), resume (an --resume PATH; resume_dir: which exists, empty)
 CASES = [
     ("unknown key", ["training.epoch=3"], ["unknown key 'training.epoch'", "did you mean 'epochs'"], {}),
     ("unknown section", ["trainig.epochs=3"], ["unknown section [trainig]", "allowed sections"], {}),
@@ -114,7 +152,42 @@ CASES = [
      ["features must have shape (samples, ...)", "(120,)"], {}),
     ("data file that does not exist", ['data.path="{data}/missing.npy"'], ["missing.npy", "does not exist"], {}),
     ("data file that is not numpy", ['data.path="{data}/not_numpy.npy"'],
-     ["not_numpy.npy", "is not a numpy .npy/.npz file"], {}),
+     ["not_numpy.npy", "is not a numpy .npy/.npz file"], {"files": True, "absent": ["allow_pickle", "pickle"]}),
+    ("data file named .npz that is not numpy", ['data.path="{data}/not_numpy.npz"'],
+     ["not_numpy.npz", "(data.path) is not a numpy .npy/.npz file"], {"files": True, "absent": ["allow_pickle"]}),
+    ("npz without the labels array", ['data.path="{data}/xy.npz"', 'data.labels="labels"'],
+     ["xy.npz", "has no array 'labels'", "it has ['x', 'y']"], {"files": True, "absent": ["not a numpy"]}),
+    ("test features without test labels", ['data.test_path="{data}/x_test.npy"'],
+     ["no test labels file given", "set data.test_labels"], {"files": True}),
+    ("integer labels with two columns", ['data.labels="{data}/y_pairs.npy"'],
+     ["y_pairs.npy", "integer labels have shape (120, 2)", "allowed: (n,) or (n, 1)"], {"files": True}),
+    ("regression targets of three dimensions", ['data.labels="{data}/t_cube.npy"'],
+     ["t_cube.npy", "regression targets have shape (120, 2, 2)", "allowed: (n,) or (n, outputs)"],
+     {"files": True}),
+    ("label beyond data.classes in late rows", ['data.labels="{data}/y_five_classes_late.npy"', "data.classes=3"],
+     ["y_five_classes_late.npy", "label 4 is out of range (allowed 0..2, data.classes = 3)"],
+     {"shard": True, "files": True}),
+    ("test label beyond the inferred training labels",
+     ['data.test_path="{data}/x_test.npy"', 'data.test_labels="{data}/y_test_beyond.npy"'],
+     ["test labels", "y_test_beyond.npy", "label 7 is out of range (allowed 0..2", "training labels",
+      "set data.classes"], {"files": True}),
+    ("IDX label beyond data.classes", ['data.name="idx"', 'data.path="{data}/idx"', "data.classes=2"],
+     ["train-labels-idx1-ubyte.gz", "label 2 is out of range (allowed 0..1, data.classes = 2)"], {"files": True}),
+    ("IDX test label beyond the inferred training labels", ['data.name="idx"', 'data.path="{data}/idx_test_beyond"'],
+     ["t10k-labels-idx1-ubyte.gz", "label 5 is out of range (allowed 0..2", "training labels"], {"files": True}),
+    ("model option the factory does not take", ['model.name="faults_models:fixed"', "model.options={input=8}"],
+     ["model.options.input is not a parameter of faults_models:fixed", "(did you mean 'inputs'?)",
+      "it accepts inputs, outputs"], {}),
+    ("model factory without input_shape and classes", ['model.name="disttrain.nn:Linear"'],
+     ["model.name = 'disttrain.nn:Linear'", "must accept the keyword arguments input_shape= and classes=",
+      "its parameters are (in_features, out_features"], {}),
+    ("key outside any section", [], ["config.toml: key 'epochs' = 3 is outside any section",
+                                     "did you mean [training] epochs?"], {"top": "epochs = 3\n"}),
+    ("key in the wrong section", ["training.lr=0.1"], ["unknown key 'training.lr'", "did you mean optimizer.lr?"], {}),
+    ("wrong type in the file", [], ["config.toml: config key training.batch_size = '32'", "expected an integer"],
+     {"config_extra": '\n[training]\nbatch_size = "32"\n', "drop_section": "training"}),
+    ("model name that is neither built in nor module:callable", ['model.name="Mlp"'],
+     ["model.name = 'Mlp' is not allowed", "one of 'mlp', 'cnn', or 'module:callable'"], {}),
     ("model input size that does not match the data", ['model.name="faults_models:fixed"',
                                                        "model.options={inputs=5}"],
      ["the model does not accept the data", f"samples of shape ({FEATURES},)"], {}),
@@ -122,9 +195,17 @@ CASES = [
      ["model.name = 'no_such_module:build'", "cannot import module 'no_such_module'"], {}),
     ("resume path that does not exist", [], ["resume path", "no-such-run", "does not exist"],
      {"resume": "no-such-run"}),
+    ("resume path without a checkpoint", [], ["resume path", "empty-run", "holds no checkpoint"],
+     {"resume": "empty-run", "resume_dir": True}),
 ]
-PARAMS = [pytest.param(case, ranks, id=f"{case[0]}-{ranks} ranks")
-          for case in CASES for ranks in ((2, 3) if case[3].get("shard") else (2,))]
+
+
+def _ranks(options):
+    return ((0,) if options.get("files") else ()) + (2,) + ((3,) if options.get("shard") else ())
+
+
+PARAMS = [pytest.param(case, ranks, id=f"{case[0]}-{f'{ranks} ranks' if ranks else 'plain'}")
+          for case in CASES for ranks in _ranks(case[3])]
 
 
 def _config_text(data_dir, options):
@@ -134,7 +215,7 @@ def _config_text(data_dir, options):
     if "drop_section" in options:  # replace a whole section (TOML forbids defining it twice)
         head, rest = text.split(f"[{options['drop_section']}]", 1)
         text = head + rest[rest.index("\n["):]
-    return text + options.get("config_extra", "")
+    return options.get("top", "") + text + options.get("config_extra", "")
 
 
 @pytest.mark.parametrize("case, ranks", PARAMS)
@@ -146,6 +227,8 @@ def test_bad_input_stops_every_rank_with_one_clear_error_and_no_traceback(data, 
             "--run-dir", tmp_path / "run", *(x for s in settings for x in ("--set", s.replace("{data}", data)))]
     if "resume" in options:
         args += ["--resume", tmp_path / options["resume"]]
+        if options.get("resume_dir"):
+            (tmp_path / options["resume"]).mkdir()
     job = Job(args, ranks, str(tmp_path / "job"), cwd=WORKERS)  # cwd: where `faults_models` is imported from
     try:
         code, out, err, seconds = job.finish(120)
@@ -160,8 +243,71 @@ def test_bad_input_stops_every_rank_with_one_clear_error_and_no_traceback(data, 
     assert "Abort(" not in err, err  # every rank ended normally: no launcher noise after the one line
     for word in words:
         assert word in errors[0], f"{word!r} not in {errors[0]!r}"
+    for word in options.get("absent", []):
+        assert word not in errors[0], f"{word!r} in {errors[0]!r}"
     assert "Traceback" not in err and "site-packages/numpy" not in err, err
     assert "step 1/" not in out  # stopped before training
+
+
+@pytest.mark.parametrize("ranks", [0, 2])
+@pytest.mark.parametrize("labels, task", [("y_column.npy", "classification"), ("t_vector.npy", "regression")])
+def test_integer_label_column_and_float_target_vector_train_as_their_task(data, tmp_path, ranks, labels, task):
+    """(n, 1) integer labels are squeezed to (n,); (n,) float targets become (n, 1) for MSE."""
+    config = tmp_path / "config.toml"
+    config.write_text(CONFIG.format(data=data))
+    job = Job(["train", config, "--run-dir", tmp_path / "run", "--set", f'data.labels="{data}/{labels}"'], ranks,
+              str(tmp_path / "job"))
+    try:
+        code, out, err, _ = job.finish(120)
+    finally:
+        job.stop()
+    assert code == 0 and "Traceback" not in err, f"stdout:\n{out}\nstderr:\n{err}"
+    assert ("test_acc" in out) == (task == "classification") and "done: 3 steps" in out, out
+
+
+SCAN = """
+import sys
+import numpy as np
+from disttrain.datasets import DataError, check_finite
+from disttrain.distributed import init
+
+class Recording:  # a features array that records the rows read from it
+    def __init__(self, array):
+        self.array, self.rows, self.dtype, self.shape = array, set(), array.dtype, array.shape
+    def __len__(self):
+        return len(self.array)
+    def __getitem__(self, index):
+        self.rows.update(range(len(self.array))[index])
+        return self.array[index]
+
+comm = init()
+features = np.ones((1000, 4), np.float32)
+features[[700, 900], 1] = np.nan  # in the last two ranks' shares when there are three
+recording = Recording(features)
+try:
+    check_finite(recording, "scan.npy", comm, chunk_rows=64)
+    outcome = "no error"
+except DataError as error:
+    outcome = str(error)
+with open(f"{sys.argv[1]}/rank-{comm.rank}.txt", "w") as handle:
+    handle.write(f"{min(recording.rows)} {max(recording.rows) + 1} {len(recording.rows)}\\n{outcome}")
+"""
+
+
+@pytest.mark.parametrize("ranks", [1, 3])
+def test_nan_scan_reads_only_each_ranks_rows_and_every_rank_reports_the_first_bad_row(tmp_path, ranks):
+    from disttrain.data import split_evenly
+
+    (tmp_path / "scan.py").write_text(SCAN)
+    launch.mpirun(ranks, [tmp_path / "scan.py", tmp_path], timeout=120, MPIEXEC_TIMEOUT=100)
+    for rank in range(ranks):
+        start, stop = split_evenly(1000, ranks, rank)
+        rows, outcome = (tmp_path / f"rank-{rank}.txt").read_text().split("\n")
+        first, end, count = map(int, rows.split())
+        # its own rows only, from the start of its share; all of them unless it met a bad row (in chunks of 64)
+        assert first == start and count == end - first and end <= stop
+        assert end == stop or start <= 700 < end
+        assert outcome == "scan.npy: row 700 contains NaN or inf"
 
 
 @pytest.mark.parametrize("ranks", [2, 3])

@@ -8,6 +8,8 @@ import math
 import os
 import pty
 import select
+import shlex
+import signal
 import subprocess
 import sys
 import time
@@ -17,6 +19,8 @@ import pytest
 
 import launch
 from disttrain import checkpoint as ckpt, cli, config as config_module, threads
+from disttrain.data import ArrayDataset
+from disttrain.progress import MetricsFile
 
 CONFIG = """
 [model]
@@ -129,8 +133,34 @@ def test_config_command_lists_every_key_with_its_default_and_rule(capsys):
     for section, fields in config_module.SCHEMA.items():
         assert f"[{section}]" in text
         for key, field in fields.items():
-            assert f"  {key} = {field.default!r}   # {field.help}; {field.allowed()}" in text
+            assert f"  {key} = {config_module.toml_value(field.default)}   # {field.help}; {field.allowed()}" in text
 
+
+def test_config_command_prints_toml_that_reads_back_as_every_default(capsys):
+    assert cli.main(["config"]) == 0
+    text = capsys.readouterr().out
+    assert '  name = "mlp"   #' in text and "  sharded = true   #" in text and "  hidden = [128]   #" in text
+    assert config_module.validate(config_module.tomllib.loads(text)) == config_module.defaults()
+
+
+def test_version_prints_the_package_version(capsys):
+    from disttrain import __version__
+
+    with pytest.raises(SystemExit) as exit_info:
+        cli.main(["--version"])
+    assert exit_info.value.code == 0 and capsys.readouterr().out == f"disttrain {__version__}\n"
+
+
+@pytest.mark.parametrize("command", [["config"], ["info"], ["--help"]])
+def test_a_closed_stdout_ends_the_command_quietly(command):
+    read_end, write_end = os.pipe()
+    os.close(read_end)  # the reader is gone before anything is written, as after `| head -1`
+    try:
+        proc = subprocess.run([sys.executable, "-m", "disttrain", *command], stdout=write_end, stderr=subprocess.PIPE,
+                              env=launch.env(), text=True, timeout=60)
+    finally:
+        os.close(write_end)
+    assert proc.stderr == "" and proc.returncode in (0, 1)
 
 # -------------------------------------------------------------------------------------------- --set
 @pytest.mark.parametrize("text, expected", [
@@ -163,6 +193,9 @@ def test_set_overrides_the_file_and_the_result_is_validated(tmp_path):
     ("training.epochs=abc", "training.epochs = 'abc' is not allowed: expected an integer >= 1"),
     ("optimizer.name=adagrad", "optimizer.name = 'adagrad' is not allowed: expected one of 'sgd', 'adam', 'adamw'"),
     ("optimizer.lr=0", "optimizer.lr = 0.0 is not allowed: expected a number > 0.0"),
+    ("training.lr=0.1", "--set training.lr=0.1: unknown key 'training.lr' (did you mean optimizer.lr?)"),
+    ("optimizer.epochs=2", "unknown key 'optimizer.epochs' (did you mean training.epochs?)"),
+    ("model.name=Mlp", "model.name = 'Mlp' is not allowed: expected one of 'mlp', 'cnn', or 'module:callable'"),
 ])
 def test_a_bad_set_names_the_key_the_value_and_what_is_allowed(tmp_path, override, message):
     (tmp_path / "run.toml").write_text(CONFIG)
@@ -178,6 +211,20 @@ def test_an_unknown_key_in_the_file_names_the_file_and_suggests_the_key(tmp_path
     assert proc.stderr.strip().startswith("disttrain: error: typo.toml: unknown key 'training.log_evry' "
                                           "(did you mean 'log_every'?); allowed keys in [training]: epochs,")
     assert "Traceback" not in proc.stderr
+
+
+@pytest.mark.parametrize("text, message", [
+    ("epochs = 3\n" + CONFIG, "top.toml: key 'epochs' = 3 is outside any section (did you mean [training] epochs?)"),
+    ("seed = 3\n" + CONFIG, "key 'seed' = 3 is outside any section (did you mean [data] seed or [training] seed?)"),
+    ("colour = 3\n" + CONFIG, "key 'colour' = 3 is outside any section; allowed sections: model, data,"),
+    (CONFIG.replace("batch_size = 32", 'batch_size = "32"'),
+     "top.toml: config key training.batch_size = '32' is not allowed: expected an integer >= 1"),
+])
+def test_a_file_error_names_the_file_and_where_a_stray_key_belongs(tmp_path, text, message):
+    (tmp_path / "top.toml").write_text(text)
+    with pytest.raises(config_module.ConfigError) as error:
+        config_module.load_config(str(tmp_path / "top.toml"))
+    assert message in str(error.value)
 
 
 def test_a_config_error_under_mpiexec_is_printed_once_by_rank_0_and_fails_the_job(tmp_path):
@@ -316,7 +363,8 @@ def test_export_with_optimizer_gathers_every_ranks_shard_into_full_adam_moments(
     with np.load(tmp_path / "two.npz", allow_pickle=False) as two, np.load(tmp_path / "one.npz", allow_pickle=False) as one:
         names = ["1.bias", "1.weight", "3.bias", "3.weight"]
         assert sorted(two.files) == sorted(names + [f"optimizer.{key}.{name}" for key in ("exp_avg", "exp_avg_sq")
-                                                    for name in names])
+                                                    for name in names] + ["optimizer.step"])
+        assert two["optimizer.step"].shape == () and int(two["optimizer.step"]) == STEPS == int(one["optimizer.step"])
         for name in names:
             for key in ("exp_avg", "exp_avg_sq"):
                 moment = two[f"optimizer.{key}.{name}"]
@@ -324,6 +372,20 @@ def test_export_with_optimizer_gathers_every_ranks_shard_into_full_adam_moments(
                 assert np.abs(moment).max() > 0
                 # float32 reduction order differs between 1 and 2 ranks (see test_equivalence.py)
                 np.testing.assert_allclose(moment, one[f"optimizer.{key}.{name}"], rtol=1e-4, atol=1e-7)
+
+
+def test_export_and_plot_under_mpiexec_write_their_file_once_from_rank_0(run, tmp_path):
+    output = tmp_path / "model.npz"
+    proc = launch.disttrain("export", run["checkpoints"], output, "--optimizer", ranks=3, timeout=120, cwd=tmp_path,
+                            MPIEXEC_TIMEOUT=100)
+    assert proc.stdout.count("wrote ") == 1 and proc.stderr == ""
+    with np.load(output, allow_pickle=False) as exported:
+        assert "optimizer.exp_avg.1.weight" in exported.files
+    assert sorted(os.listdir(tmp_path)) == ["model.npz"]  # no temporary file left by another process
+    pytest.importorskip("matplotlib", reason="matplotlib is not installed (pip install 'disttrain[plot]')")
+    proc = launch.disttrain("plot", run["run_dir"], "-o", tmp_path / "plot.png", ranks=3, timeout=120,
+                            MPIEXEC_TIMEOUT=100)
+    assert proc.stdout.count("wrote ") == 1 and proc.stderr == ""
 
 
 def test_export_of_a_missing_run_is_a_clear_error(tmp_path):
@@ -364,6 +426,27 @@ def test_plot_of_a_run_without_metrics_is_a_clear_error(tmp_path):
     proc = launch.disttrain("plot", tmp_path, check=False, timeout=60)
     assert proc.returncode == 1
     assert proc.stderr.startswith(f"disttrain: error: {tmp_path / 'metrics.jsonl'} does not exist")
+
+
+def test_metrics_jsonl_writes_non_finite_numbers_as_null(tmp_path):
+    metrics = MetricsFile(str(tmp_path / "metrics.jsonl"))
+    metrics.write({"kind": "train", "step": 1, "loss": float("nan"), "lr": 0.5, "grads": [float("inf"), 1.0]})
+    metrics.close()
+
+    def refuse(constant):
+        raise ValueError(f"{constant} is not JSON")
+    line = (tmp_path / "metrics.jsonl").read_text()
+    assert json.loads(line, parse_constant=refuse) == {"kind": "train", "step": 1, "loss": None, "lr": 0.5,
+                                                        "grads": [None, 1.0]}
+
+
+def test_plot_leaves_a_gap_for_a_null_loss(tmp_path):
+    pytest.importorskip("matplotlib", reason="matplotlib is not installed (pip install 'disttrain[plot]')")
+    records = [{"kind": "train", "step": 1, "loss": 1.0}, {"kind": "train", "step": 2, "loss": None},
+               {"kind": "eval", "step": 2, "test_loss": None, "test_accuracy": 0.5}]
+    (tmp_path / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records))
+    proc = launch.disttrain("plot", tmp_path, timeout=120)
+    assert proc.stdout.strip() == f"wrote {tmp_path / 'metrics.png'}"
 
 
 # ------------------------------------------------------------------------------------ info, threads
@@ -415,6 +498,19 @@ def test_threads_per_rank_are_the_node_cores_divided_by_the_ranks_on_it(monkeypa
     assert threads.choose_threads(local_size) == (3, "$OPENBLAS_NUM_THREADS")
 
 
+# ------------------------------------------------------------------------------- model and data fit
+def test_check_model_fits_also_runs_the_loss_on_the_probe():
+    from disttrain import models
+
+    x = np.zeros((4, 3), np.float32)
+    model = models.mlp((3,), 2, hidden=(4,))
+    cli.check_model_fits(model, ArrayDataset(x, np.zeros(4, np.int64)), {"task": "classification", "classes": 2})
+    column = ArrayDataset(x, np.zeros((4, 1), np.int64))  # built by hand: not shaped by the npy loader
+    with pytest.raises(ValueError, match=r"the loss does not accept the model's output \(2, 2\) with labels of "
+                                         r"shape \(2, 1\) int64: cross_entropy: labels shape \(2, 1\)"):
+        cli.check_model_fits(model, column, {"task": "classification", "classes": 2})
+
+
 # ------------------------------------------------------------------------------- fresh run, old dir
 def test_training_again_in_a_run_dir_notes_old_checkpoints_or_resumes_or_says_the_run_is_complete(tmp_path):
     (tmp_path / "run.toml").write_text(CONFIG)
@@ -437,3 +533,48 @@ def test_training_again_in_a_run_dir_notes_old_checkpoints_or_resumes_or_says_th
 
     proc = launch.disttrain("train", "run.toml", "--run-dir", "run", "--resume", timeout=120, cwd=tmp_path)
     assert "at step 21 (the run is already complete: nothing to train)" in proc.stdout
+
+
+# ------------------------------------------------------------------------------------------ resuming
+def test_train_with_resume_before_the_config_resumes_that_config(tmp_path):
+    (tmp_path / "run.toml").write_text(CONFIG)
+    launch.disttrain("train", "run.toml", "--run-dir", "run", "--set", "training.epochs=1", timeout=120, cwd=tmp_path)
+    proc = launch.disttrain("train", "--resume", "run.toml", "--run-dir", "run", timeout=120, cwd=tmp_path)
+    assert "resumed from run/checkpoints/step-00000007 at step 7 (epoch 2)" in proc.stdout
+    proc = launch.disttrain("train", "--resume", "run", check=False, timeout=60, cwd=tmp_path)
+    assert proc.returncode == 2 and "error: the following arguments are required: CONFIG.toml" in proc.stderr
+
+
+def test_bare_resume_on_a_run_without_checkpoints_starts_from_the_beginning(tmp_path):
+    (tmp_path / "run.toml").write_text(CONFIG)
+    proc = launch.disttrain("train", "run.toml", "--run-dir", "fresh", "--set", "training.epochs=1", "--resume",
+                            timeout=120, cwd=tmp_path)
+    assert "no checkpoint in fresh/checkpoints yet: starting from the beginning" in proc.stdout
+    assert "done: 7 steps" in proc.stdout
+
+
+def test_the_resume_line_after_a_stop_signal_is_a_command_that_runs_as_is(tmp_path):
+    (tmp_path / "run.toml").write_text(CONFIG)
+    run_dir = tmp_path / "my run"  # a space: the command must quote it
+    argv = [os.path.join(launch.BIN, "disttrain"), "train", "run.toml", "--set", "training.epochs=10",
+            "--run-dir", str(run_dir), "--set", "optimizer.lr=0.01"]
+    proc = subprocess.Popen(argv, cwd=tmp_path, env=launch.env(DISTTRAIN_FAULT="sleep:0:*:0.1"),
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        deadline = time.monotonic() + 60
+        while not os.path.exists(run_dir / "metrics.jsonl") or "step" not in (run_dir / "metrics.jsonl").read_text():
+            assert time.monotonic() < deadline and proc.poll() is None, proc.communicate()
+            time.sleep(0.05)
+        proc.send_signal(signal.SIGTERM)
+        out, err = proc.communicate(timeout=60)
+    finally:
+        proc.kill()
+    assert proc.returncode == 0, err
+    expected = shlex.join(["disttrain", "train", "run.toml", "--set", "training.epochs=10", "--set",
+                           "optimizer.lr=0.01", "--run-dir", str(run_dir), "--resume"])
+    lines = [line for line in out.splitlines() if "resume with: " in line]
+    assert len(lines) == 1 and lines[0].endswith(f"resume with: {expected}"), out
+    command = shlex.split(lines[0].split("resume with: ", 1)[1])
+    assert command[0] == "disttrain"
+    resumed = launch.run([os.path.join(launch.BIN, "disttrain"), *command[1:]], timeout=120, cwd=tmp_path)
+    assert "resumed from " in resumed.stdout and "done: 70 steps" in resumed.stdout

@@ -70,7 +70,7 @@ class DisttrainSystem:
 
     def step(self, x, y) -> float:
         rec = self.recorder
-        loss = self.loss_fn(self.forward_module(self.Tensor(x)), y)
+        loss = self.loss_fn(self.forward_module(self.Tensor.wrap(x)), y)
         rec.mark()
         if self.ddp is None:
             loss.backward()

@@ -1,5 +1,10 @@
 """Features and labels from .npy files (memory-mapped: each rank reads only the rows it uses) or an
-.npz file (keys `x`/`y` unless named; loaded whole, since zip members cannot be memory-mapped)."""
+.npz file (keys `x`/`y` unless named; loaded whole, since zip members cannot be memory-mapped).
+
+Labels are read whole (one value per sample; every rank needs them all to count the classes). Integer
+labels are class indices, shape (n,) or (n, 1); float labels are regression targets, shape (n,) or
+(n, outputs), returned as float32 (n, outputs).
+"""
 
 from __future__ import annotations
 
@@ -9,56 +14,119 @@ import zipfile
 import numpy as np
 
 from ..data import ArrayDataset
-from . import DataError, check_finite, check_labels, split_train_test
+from . import DataError, check_finite, count_classes, split_train_test
+
+NPY_MAGIC = b"\x93NUMPY"
+NPZ_MAGIC = b"PK"  # an .npz is a zip archive
+WHAT = {"data.path": "features", "data.labels": "labels", "data.test_path": "test features",
+        "data.test_labels": "test labels"}
 
 
-def open_array(path: str, key: str | None = None, what: str = "features") -> np.ndarray:
-    """The array in `path` (.npy memory-mapped, or member `key` of an .npz), with clear errors."""
-    if not path:
-        raise DataError(f"npy data: no {what} file given (set data.{'path' if what == 'features' else 'labels'})")
-    if not os.path.isfile(path):
-        raise DataError(f"npy data: {what} file {path!r} does not exist")
+def load(section: dict, comm=None):
+    """(train, test, info) for [data] name = "npy"; COLLECTIVE with `comm` (see load_data)."""
+    features, labels, labels_name = _pair(section, "path", "labels", comm)
+    task = "regression" if labels.dtype.kind == "f" else "classification"
+    if section["test_path"]:
+        test_features, test_labels, test_labels_name = _pair(section, "test_path", "test_labels", comm)
+        if test_features.shape[1:] != features.shape[1:]:
+            raise DataError(f"npy test data ({section['test_path']}): samples of shape {test_features.shape[1:]}, "
+                            f"the training samples ({section['path']}) are {features.shape[1:]}")
+        if (test_labels.dtype.kind == "f") != (task == "regression"):
+            raise DataError(f"{test_labels_name}: dtype {test_labels.dtype}, but the training labels "
+                            f"({labels_name}) are {labels.dtype}: both must be integers (classes) or floats "
+                            f"(regression targets)")
+        classes = count_classes(section, task, labels, labels_name, test_labels, test_labels_name)
+        train = ArrayDataset(features, labels, f"train ({section['path']})")
+        test = ArrayDataset(test_features, test_labels, f"test ({section['test_path']})")
+    else:
+        classes = count_classes(section, task, labels, labels_name)
+        train, test = split_train_test(features, labels, section["test_fraction"], section["split_seed"],
+                                       f"npy data ({section['path']})")
+    return train, test, {"input_shape": tuple(features.shape[1:]), "classes": classes, "task": task,
+                         "description": f"arrays {section['path']}: {len(train)} train / {len(test)} test"}
+
+
+def open_array(path: str, setting: str, key: str | None = None) -> np.ndarray:
+    """The array in `path` (.npy memory-mapped, or member `key` of an .npz), with clear errors naming
+    the config key `setting` (e.g. "data.path") that gave the path."""
+    kind = numpy_format(path, setting)
     try:
-        if path.endswith(".npz"):
+        if kind == "npz":
             with np.load(path, allow_pickle=False) as archive:
                 if key not in archive.files:
                     raise DataError(f"npy data: {path!r} has no array {key!r} (it has {archive.files})")
                 return archive[key]
         return np.load(path, mmap_mode="r", allow_pickle=False)
-    except (ValueError, OSError, zipfile.BadZipFile) as error:
-        raise DataError(f"npy data: {path!r} is not a numpy .npy/.npz file ({error})") from None
+    except DataError:
+        raise
+    except ValueError as error:
+        if "object" in str(error).lower() or "pickle" in str(error).lower():
+            raise DataError(f"npy data: {path!r} holds Python objects (dtype object), which disttrain does not "
+                            f"load (no pickle): save arrays of numbers") from None
+        raise DataError(f"npy data: {path!r} is not a readable numpy .npy/.npz file ({error})") from None
+    except (OSError, EOFError, zipfile.BadZipFile) as error:
+        raise DataError(f"npy data: {path!r} is not a readable numpy .npy/.npz file ({error})") from None
 
 
-def _pair(features_path: str, labels_path: str, name: str):
-    if features_path.endswith(".npz"):
-        features = open_array(features_path, "x")
-        labels = open_array(features_path, labels_path or "y", "labels")
+def numpy_format(path: str, setting: str) -> str:
+    """"npy" or "npz", told by the file's first bytes (not its name); DataError if it is neither."""
+    if not path:
+        raise DataError(f"npy data: no {WHAT.get(setting, '')} file given (set {setting})")
+    if not os.path.isfile(path):
+        raise DataError(f"npy data: {path!r} ({setting}) does not exist")
+    try:
+        with open(path, "rb") as handle:
+            head = handle.read(len(NPY_MAGIC))
+    except OSError as error:
+        raise DataError(f"npy data: cannot read {path!r} ({setting}): {error}") from None
+    if head.startswith(NPY_MAGIC):
+        return "npy"
+    if head.startswith(NPZ_MAGIC):
+        return "npz"
+    raise DataError(f"npy data: {path!r} ({setting}) is not a numpy .npy/.npz file (it starts with {head!r}; "
+                    f"write it with numpy.save or numpy.savez)")
+
+
+def _pair(section: dict, path_key: str, labels_key: str, comm):
+    """(features, labels shaped for the task, a name for the labels) of one features/labels pair."""
+    features_path, labels_setting = section[path_key], section[labels_key]
+    name, labels_word = ("npy data", "labels") if path_key == "path" else ("npy test data", "test labels")
+    if numpy_format(features_path, f"data.{path_key}") == "npz":
+        features = open_array(features_path, f"data.{path_key}", "x")
+        key = labels_setting or "y"
+        labels = open_array(features_path, f"data.{path_key}", key)
+        labels_name = f"{labels_word} ({features_path}, array {key!r})"
     else:
-        features = open_array(features_path)
-        labels = open_array(labels_path, what="labels")
+        features = open_array(features_path, f"data.{path_key}")
+        labels = open_array(labels_setting, f"data.{labels_key}")
+        labels_name = f"{labels_word} ({labels_setting})"
     if features.ndim < 2:
-        raise DataError(f"{name}: features must have shape (samples, ...), got {features.shape}")
+        raise DataError(f"{name}: features must have shape (samples, ...), got {features.shape} ({features_path})")
+    labels = shaped_labels(labels, labels_name)
     if len(features) != len(labels):
         raise DataError(f"{name}: features have {len(features)} rows but labels have {len(labels)} "
-                        f"({features_path!r}, {labels_path or 'y'!r})")
+                        f"({features_path!r}, {labels_setting or 'y'!r})")
     if features.dtype.kind not in "fiu":
-        raise DataError(f"{name}: features must be numbers, got dtype {features.dtype}")
-    check_finite(features, f"{name} features ({features_path})")
-    return features, np.asarray(labels)
+        raise DataError(f"{name}: features must be numbers, got dtype {features.dtype} ({features_path})")
+    check_finite(features, f"{name} features ({features_path})", comm)
+    return features, labels, labels_name
 
 
-def load(section: dict):
-    features, labels = _pair(section["path"], section["labels"], "npy data")
-    task = "regression" if labels.dtype.kind == "f" else "classification"
-    if section["test_path"]:
-        test_features, test_labels = _pair(section["test_path"], section["test_labels"], "npy test data")
-        train = ArrayDataset(features, labels, f"train ({section['path']})")
-        test = ArrayDataset(test_features, test_labels, f"test ({section['test_path']})")
-    else:
-        train, test = split_train_test(features, labels, section["test_fraction"], section["split_seed"],
-                                       f"npy data ({section['path']})")
-        test_labels = labels
-    classes = max(check_labels(labels, f"labels ({section['labels'] or section['path']})", task),
-                  check_labels(np.asarray(test_labels), "test labels", task))
-    return train, test, {"input_shape": tuple(features.shape[1:]), "classes": classes, "task": task,
-                         "description": f"arrays {section['path']}: {len(train)} train / {len(test)} test"}
+def shaped_labels(labels, name: str) -> np.ndarray:
+    """Labels as the losses take them: integer class labels (n,), float regression targets float32
+    (n, outputs); a (n, 1) column of integers is squeezed, a (n,) vector of floats becomes (n, 1)."""
+    labels = np.asarray(labels)
+    kind, shape = labels.dtype.kind, labels.shape
+    if kind in "iu":
+        if labels.ndim == 1:
+            return labels
+        if labels.ndim == 2 and shape[1] == 1:
+            return labels[:, 0]
+        raise DataError(f"{name}: integer labels have shape {shape}; allowed: (n,) or (n, 1), one class index "
+                        f"per sample (floats would be regression targets, (n,) or (n, outputs))")
+    if kind == "f":
+        if labels.ndim in (1, 2):
+            return (labels[:, None] if labels.ndim == 1 else labels).astype(np.float32, copy=False)
+        raise DataError(f"{name}: float regression targets have shape {shape}; allowed: (n,) or (n, outputs)")
+    raise DataError(f"{name}: labels have dtype {labels.dtype} and shape {shape}; allowed: integers (class "
+                    f"labels, (n,) or (n, 1)) or floats (regression targets, (n,) or (n, outputs))")

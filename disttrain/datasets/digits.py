@@ -6,7 +6,7 @@ import os
 
 import numpy as np
 
-from . import split_train_test
+from . import count_classes, split_train_test
 
 PATH = os.path.join(os.path.dirname(__file__), "digits.csv.gz")
 
@@ -18,8 +18,9 @@ def read_digits():
     return np.ascontiguousarray(images), table[:, 64].astype(np.int64)
 
 
-def load(section: dict):
+def load(section: dict, comm=None):
     images, labels = read_digits()
+    classes = count_classes(section, "classification", labels, "digits labels")  # 10 unless data.classes
     train, test = split_train_test(images, labels, section["test_fraction"], section["split_seed"], "digits")
-    return train, test, {"input_shape": (1, 8, 8), "classes": 10, "task": "classification",
+    return train, test, {"input_shape": (1, 8, 8), "classes": classes, "task": "classification",
                          "description": f"UCI digits 8x8: {len(train)} train / {len(test)} test"}

@@ -12,7 +12,7 @@ import os
 import numpy as np
 
 from ..data import ArrayDataset
-from . import DataError, check_labels
+from . import DataError, check_finite, count_classes
 
 _DTYPES = {0x08: np.uint8, 0x09: np.int8, 0x0B: ">i2", 0x0C: ">i4", 0x0D: ">f4", 0x0E: ">f8"}
 
@@ -52,21 +52,24 @@ def _find(directory: str, stem: str) -> str:
                     f"path /usr/share/datasets/fashion-mnist)")
 
 
-def load(section: dict):
+def load(section: dict, comm=None):
     directory = section["path"]
     if not directory or not os.path.isdir(directory):
         raise DataError(f"IDX data: data.path = {directory!r} is not a directory")
-    parts = {}
+    parts, labels_names = {}, {}
     for split in ("train", "t10k"):
         images = read_idx(_find(directory, f"{split}-images-idx3-ubyte"))
-        labels = np.asarray(read_idx(_find(directory, f"{split}-labels-idx1-ubyte")), dtype=np.int64)
-        if images.ndim != 3 or len(images) != len(labels):
+        labels_path = _find(directory, f"{split}-labels-idx1-ubyte")
+        labels = np.asarray(read_idx(labels_path), dtype=np.int64)
+        if images.ndim != 3 or labels.ndim != 1 or len(images) != len(labels):
             raise DataError(f"IDX data in {directory}: {split} images {images.shape} and labels {labels.shape} "
-                            f"do not match")
-        check_labels(labels, f"{directory} {split} labels", "classification")
+                            f"do not match (expected (n, rows, columns) and (n,))")
+        check_finite(images, f"{split} images ({directory})", comm)  # float IDX files only
         scale = 1.0 / 255.0 if images.dtype == np.uint8 else None
         parts[split] = ArrayDataset(images, labels, f"{split} ({directory})", scale)
-    classes = int(max(parts["train"].labels.max(), parts["t10k"].labels.max())) + 1
+        labels_names[split] = f"labels ({labels_path})"
+    classes = count_classes(section, "classification", parts["train"].labels, labels_names["train"],
+                            parts["t10k"].labels, labels_names["t10k"])
     shape = tuple(parts["train"].features.shape[1:])
     return parts["train"], parts["t10k"], {
         "input_shape": (1, *shape), "classes": classes, "task": "classification",

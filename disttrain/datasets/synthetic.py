@@ -23,11 +23,14 @@ def make(samples: int, features: int, classes: int, task: str, noise: float, see
     return x, scores.argmax(axis=1).astype(np.int64)
 
 
-def load(section: dict):
-    x, y = make(section["samples"], section["features"], section["classes"], section["task"],
-                section["noise"], section["seed"])
+DEFAULT_CLASSES = 10  # data.classes = 0 means "infer from the labels"; generated data has none to infer from
+
+
+def load(section: dict, comm=None):
+    classes = section["classes"] or DEFAULT_CLASSES
+    x, y = make(section["samples"], section["features"], classes, section["task"], section["noise"], section["seed"])
     train, test = split_train_test(x, y, section["test_fraction"], section["split_seed"], "synthetic")
-    return train, test, {"input_shape": (section["features"],), "classes": section["classes"],
+    return train, test, {"input_shape": (section["features"],), "classes": classes,
                          "task": section["task"],
                          "description": f"synthetic {section['task']}: {len(train)} train / {len(test)} test, "
                                         f"{section['features']} features"}

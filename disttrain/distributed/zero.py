@@ -10,7 +10,7 @@ import time
 import numpy as np
 
 from ..optim import Optimizer, scale_grads, squared_norm
-from ..tensor import Tensor
+from ..tensor import Gradient, Tensor
 from .comm import Communicator
 from .parallel import DEFAULT_BUCKET_MB, DataParallel
 
@@ -110,7 +110,7 @@ class ShardedOptimizer:
         """COLLECTIVE. Combine gradients (unless done), update the owned chunks, allgather the parameters."""
         self.sync()
         for tensor, grad in zip(self.shard_params, self._grads()):
-            tensor.grad = grad
+            tensor.grad = grad.view(Gradient)  # reads like a Tensor for a user optimizer (grad.data)
         started = time.perf_counter()
         frozen = self._freeze_absent()
         self.optimizer.step()
