@@ -25,6 +25,7 @@ import shutil
 import time
 import traceback
 import zipfile
+from collections.abc import Mapping
 
 import numpy as np
 
@@ -85,8 +86,11 @@ def _agree(comm, action, what: str):
     return [value for _, value in outcomes]
 
 
-def _named_params(ddp):
-    return list(zip(ddp.flat.names, ddp.flat.params))
+def _model_state(ddp) -> dict:
+    """{name: array} of every parameter and buffer of the DataParallel's model."""
+    if hasattr(ddp.module, "state_dict"):
+        return ddp.module.state_dict()
+    return {name: param.data for name, param in ddp.named_parameters()}
 
 
 # --------------------------------------------------------------------------------------------- save
@@ -110,43 +114,42 @@ def save(directory: str, step: int, ddp, optimizer, comm, extra: dict | None = N
     def write_files():
         if fault is not None:
             fault("checkpoint")
-        files, segments = {}, []
+        files, segments, scalars = {}, [], {}
+        state = optimizer.state_dict(copy=False)
         if comm.rank == 0:
-            model_state = ddp.module.state_dict() if hasattr(ddp.module, "state_dict") else \
-                {name: p.data for name, p in _named_params(ddp)}
-            files["model.npz"] = _write_npz(os.path.join(partial, "model.npz"), model_state)
-        if optimizer.shard or comm.rank == 0:
+            files["model.npz"] = _write_npz(os.path.join(partial, "model.npz"), _model_state(ddp))
+        if state["sharded"] or comm.rank == 0:
             name = f"optimizer-part-{comm.rank:05d}.npz"
             arrays = {}
-            layout = ddp.layout
-            for (lo, hi), state in zip(optimizer.ranges, optimizer.optimizer.state):
-                for key, value in state.items():
-                    if not isinstance(value, np.ndarray):
-                        continue
-                    for param, start, stop, flat_lo, flat_hi in layout.segments(lo, hi):
-                        array_key = f"a{len(arrays)}"
-                        arrays[array_key] = value[flat_lo - lo:flat_hi - lo]
-                        segments.append({"file": name, "key": array_key, "state": key, "param": param,
-                                         "start": start, "stop": stop})
+            for segment in state["segments"]:
+                scalars[segment["param"]] = segment["scalars"]
+                for key, value in segment["arrays"].items():
+                    array_key = f"a{len(arrays)}"
+                    arrays[array_key] = value
+                    segments.append({"file": name, "key": array_key, "state": key, "param": segment["param"],
+                                     "start": segment["start"], "stop": segment["stop"]})
             files[name] = _write_npz(os.path.join(partial, name), arrays)
-        return {"files": files, "segments": segments}
+        return {"files": files, "segments": segments, "scalars": scalars, "class": state["class"],
+                "sharded": state["sharded"], "hyperparameters": state["hyperparameters"]}
     written = _agree(comm, write_files, f"checkpoint {final}: writing this rank's files")
     rng_states = comm.allgather_object(extra.get("rng_state") if extra else None)
 
     def publish():
         if comm.rank != 0:
             return None
-        scalars = {}
-        if optimizer.optimizer.state:
-            scalars = {key: value for key, value in optimizer.optimizer.state[0].items()
-                       if not isinstance(value, np.ndarray)}
+        parameter_scalars = {}
+        for part in written:
+            parameter_scalars.update(part["scalars"])
+        ordered = {name: parameter_scalars[name] for name, _, _ in ddp.layout.entries if name in parameter_scalars}
         manifest = {
             "format": FORMAT, "format_version": FORMAT_VERSION, "step": int(step),
             "time": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "world_size": comm.size,
             "library_version": _library_version(),
             "parameters": [{"name": name, "shape": list(shape)} for name, _, shape in ddp.layout.entries],
-            "optimizer": {"class": type(optimizer.optimizer).__name__, "sharded": optimizer.shard,
-                          "scalars": scalars, "hyperparameters": optimizer.optimizer.hyperparameters(),
+            # scalars: the first parameter's (Adam's step, say); parameter_scalars: every stateful parameter's
+            "optimizer": {"class": written[0]["class"], "sharded": written[0]["sharded"],
+                          "scalars": next(iter(ordered.values()), {}), "parameter_scalars": ordered,
+                          "hyperparameters": written[0]["hyperparameters"],
                           "segments": [seg for part in written for seg in part["segments"]]},
             "files": {name: info for part in written for name, info in part["files"].items()},
             "rng_states": rng_states,
@@ -289,9 +292,10 @@ def check_compatible(manifest: dict, ddp, optimizer, path: str) -> None:
     if missing or unexpected or misshaped:
         raise CheckpointError(f"{path}: written by a different model (missing {missing}, unexpected "
                               f"{unexpected}, mis-shaped {misshaped})")
-    if optimizer is not None and manifest["optimizer"]["class"] != type(optimizer.optimizer).__name__:
+    ours = optimizer.state_dict(copy=False)["class"] if optimizer is not None else None
+    if ours is not None and manifest["optimizer"]["class"] != ours:
         raise CheckpointError(f"{path}: optimizer state is for {manifest['optimizer']['class']}, this run uses "
-                              f"{type(optimizer.optimizer).__name__}")
+                              f"{ours}")
 
 
 def load(path: str, ddp, optimizer, comm, warn=None) -> dict | None:
@@ -336,55 +340,87 @@ def _restore(path: str, manifest: dict, ddp, optimizer) -> None:
     if hasattr(ddp.module, "load_state_dict"):
         ddp.module.load_state_dict(state)
     else:
-        for name, param in _named_params(ddp):
+        for name, param in ddp.named_parameters():
             np.copyto(param.data, state[name])
     if optimizer is not None:
-        optimizer.optimizer.state = reshard_optimizer_state(path, manifest, ddp.layout, optimizer.ranges)
+        with SegmentReader(path) as reader:
+            saved = saved_optimizer_state(manifest, reader)
+            try:
+                optimizer.load_state_dict(saved)
+            except ValueError as error:
+                raise CheckpointError(f"{path}: {error}") from None
 
 
-def reshard_optimizer_state(path: str, manifest: dict, layout, ranges) -> list:
-    """Optimizer state for flat `ranges` of `layout`, assembled from the checkpoint's segments.
-
-    Each saved segment covers elements [start, stop) of one parameter; it is copied to wherever
-    those elements sit inside this rank's ranges. Raises CheckpointError if any element is uncovered.
-    """
+def saved_optimizer_state(manifest: dict, reader: "SegmentReader") -> dict:
+    """The checkpoint's optimizer state in ShardedOptimizer.load_state_dict's form (shard_state.py),
+    its arrays read from the part files through `reader` only when a rank asks for them. The saved
+    hyperparameters are left out: a resumed run keeps its own settings (the manifest records them)."""
     opt = manifest["optimizer"]
-    offsets = {name: offset for name, offset, _ in layout.entries}
-    keys = sorted({seg["state"] for seg in opt["segments"]})
-    states = [dict(opt["scalars"]) for _ in ranges]
-    if not keys:
-        return [dict() for _ in ranges] if not opt["scalars"] else states
-    by_file = {}
+    per_param = opt.get("parameter_scalars")
+    grouped = {}
     for seg in opt["segments"]:
-        by_file.setdefault(seg["file"], []).append(seg)
-    buffers = {(i, key): np.zeros(hi - lo, np.float32) for i, (lo, hi) in enumerate(ranges) for key in keys}
-    covered = {(i, key): 0 for i in range(len(ranges)) for key in keys}
-    for name, segs in by_file.items():
-        wanted = []
-        for seg in segs:
-            start = offsets[seg["param"]] + seg["start"]
-            stop = offsets[seg["param"]] + seg["stop"]
-            for i, (lo, hi) in enumerate(ranges):
-                a, b = max(lo, start), min(hi, stop)
-                if a < b:
-                    wanted.append((seg, i, a, b, start))
-        if not wanted:
-            continue
+        where = (seg["param"], seg["start"], seg["stop"])
+        grouped.setdefault(where, {})[seg["state"]] = (seg["file"], seg["key"])
+    segments = [{"param": name, "start": start, "stop": stop, "arrays": _LazyArrays(reader, sources),
+                 "scalars": per_param.get(name, {}) if per_param is not None else dict(opt["scalars"])}
+                for (name, start, stop), sources in grouped.items()]
+    if per_param is not None:
+        stateful = list(per_param)
+    else:  # written before per-parameter scalars: every parameter had state if any had
+        stateful = [p["name"] for p in manifest.get("parameters", [])] if grouped else []
+    return {"class": opt.get("class"), "segments": segments, "stateful": stateful}
+
+
+def read_optimizer_state(path: str, manifest: dict, pieces) -> list:
+    """The saved optimizer state of each (param name, start, stop) piece, as shard_state.assemble gives
+    it, whatever world size wrote the checkpoint. Raises CheckpointError naming a gap or bad file."""
+    from .distributed.shard_state import assemble
+
+    with SegmentReader(path) as reader:
         try:
-            with np.load(os.path.join(path, name), allow_pickle=False) as archive:
-                for seg, i, a, b, start in wanted:
-                    buffers[(i, seg["state"])][a - ranges[i][0]:b - ranges[i][0]] = archive[seg["key"]][a - start:b - start]
-                    covered[(i, seg["state"])] += b - a
+            return assemble(saved_optimizer_state(manifest, reader), pieces)
+        except ValueError as error:
+            raise CheckpointError(f"{path}: {error}") from None
+
+
+class SegmentReader:
+    """Opens a checkpoint's part files on first use and keeps them open until the `with` block ends;
+    `array(file, key)` reads one saved segment. Unreadable files raise CheckpointError naming them."""
+
+    def __init__(self, path: str):
+        self.path, self.open_files = path, {}
+
+    def __enter__(self) -> "SegmentReader":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        for archive in self.open_files.values():
+            archive.close()
+
+    def array(self, name: str, key: str) -> np.ndarray:
+        file_path = os.path.join(self.path, name)
+        try:
+            if name not in self.open_files:
+                self.open_files[name] = np.load(file_path, allow_pickle=False)
+            return self.open_files[name][key]
         except (OSError, ValueError, KeyError, zipfile.BadZipFile) as error:
-            raise CheckpointError(f"{os.path.join(path, name)}: unreadable ({error})") from None
-    for i, (lo, hi) in enumerate(ranges):
-        real = max(0, min(hi, layout.total) - lo)  # elements past layout.total are padding
-        for key in keys:
-            if covered[(i, key)] != real:
-                raise CheckpointError(f"{path}: optimizer state '{key}' covers {covered[(i, key)]} of the "
-                                      f"{real} elements in flat range [{lo}, {hi}) (a shard is missing)")
-            states[i][key] = buffers[(i, key)]
-    return states
+            raise CheckpointError(f"{file_path}: unreadable ({error})") from None
+
+
+class _LazyArrays(Mapping):
+    """{state key: array} of one saved segment, each read from its part file when first asked for."""
+
+    def __init__(self, reader: SegmentReader, sources: dict):
+        self.reader, self.sources = reader, sources
+
+    def __getitem__(self, key):
+        return self.reader.array(*self.sources[key])
+
+    def __iter__(self):
+        return iter(self.sources)
+
+    def __len__(self):
+        return len(self.sources)
 
 
 # ------------------------------------------------------------------------------------------- export
@@ -404,14 +440,15 @@ def read_model(path: str) -> tuple:
 
 
 def consolidated_optimizer_state(path: str, manifest: dict) -> dict:
-    """{state key: {param name: full array}} assembled from every shard of checkpoint `path`."""
+    """{state key: {param name: full array}} assembled from every shard of checkpoint `path`
+    (parameters without state are left out)."""
     verify_files(path, manifest, sorted(manifest["files"]))
     shapes = {p["name"]: tuple(p["shape"]) for p in manifest["parameters"]}
     full = {}
-    for seg in manifest["optimizer"]["segments"]:
-        per_param = full.setdefault(seg["state"], {})
-        if seg["param"] not in per_param:
-            per_param[seg["param"]] = np.zeros(int(np.prod(shapes[seg["param"]])), np.float32)
-        with np.load(os.path.join(path, seg["file"]), allow_pickle=False) as archive:
-            per_param[seg["param"]][seg["start"]:seg["stop"]] = archive[seg["key"]]
+    with SegmentReader(path) as reader:
+        for seg in manifest["optimizer"]["segments"]:
+            per_param = full.setdefault(seg["state"], {})
+            if seg["param"] not in per_param:
+                per_param[seg["param"]] = np.zeros(int(np.prod(shapes[seg["param"]])), np.float32)
+            per_param[seg["param"]][seg["start"]:seg["stop"]] = reader.array(seg["file"], seg["key"])
     return {key: {name: flat.reshape(shapes[name]) for name, flat in params.items()} for key, params in full.items()}

@@ -11,7 +11,6 @@ import argparse
 import json
 import os
 import shlex
-import signal
 import sys
 import threading
 
@@ -131,7 +130,7 @@ def _agreed_errors() -> tuple:
     from .config import ConfigError
     from .datasets import DataError
     from .distributed import LaunchError, ModelMismatchError
-    from .trainer import TrainingError
+    from .training import TrainingError
 
     return (ConfigError, DataError, CheckpointError, TrainingError, ModelMismatchError, LaunchError)
 
@@ -185,63 +184,10 @@ def _guarded(command):
 
 
 # ------------------------------------------------------------------------------------------ train
-def build_run(config: dict, comm):
-    """(model, train, test, loss_fn, info) for a validated config; checks the model accepts the data.
-    COLLECTIVE: every rank of `comm` calls it (the data load scans each rank's rows, then agrees)."""
-    from . import models, nn
-    from .config import ConfigError
-    from .datasets import load_data
-
-    train, test, info = load_data(config["data"], comm)
-    nn.manual_seed(config["training"]["seed"])  # the same initial model on every rank
-    loss_fn = nn.SoftmaxLoss() if info["task"] == "classification" else nn.MSELoss()
-    try:
-        model = models.build_model(config["model"], info["input_shape"], info["classes"])
-        check_model_fits(model, train, info, loss_fn)
-    except ConfigError:
-        raise
-    except ValueError as error:  # from the same config and data on every rank: an agreed error
-        raise ConfigError(str(error)) from None
-    return model, train, test, loss_fn, info
-
-
-def check_model_fits(model, dataset, info: dict, loss_fn=None) -> None:
-    """Raise ValueError unless `model` accepts two samples of `dataset`, outputs info["classes"] values
-    per sample, and `loss_fn` (default: the task's, as build_run chooses) takes that output and the labels."""
-    from . import nn
-    from .tensor import Tensor, no_grad
-
-    import numpy as np
-
-    x, labels = dataset[np.arange(min(2, len(dataset)))]
-    was_training = model.training
-    model.eval()
-    try:
-        with no_grad():
-            output = model(Tensor(x))
-    except (ValueError, TypeError, IndexError) as error:
-        raise ValueError(f"the model does not accept the data (samples of shape {tuple(x.shape[1:])}): {error}") from None
-    finally:
-        model.train(was_training)
-    expected = (len(x), info["classes"])
-    if info["task"] == "classification" and (output.ndim != 2 or output.shape[1] < info["classes"]):
-        raise ValueError(f"the model outputs shape {output.shape} but the labels need {info['classes']} classes "
-                         f"(labels go up to {info['classes'] - 1}); expected (batch, {info['classes']})")
-    if info["task"] == "regression" and output.shape != expected:
-        raise ValueError(f"the model outputs shape {output.shape}, the targets need {expected}")
-    if loss_fn is None:
-        loss_fn = nn.SoftmaxLoss() if info["task"] == "classification" else nn.MSELoss()
-    try:
-        with no_grad():
-            loss_fn(output, labels)
-    except (ValueError, TypeError, IndexError) as error:
-        raise ValueError(f"the loss does not accept the model's output {output.shape} with labels of shape "
-                         f"{labels.shape} {labels.dtype}: {error}") from None
-
-
 def _train(args) -> int:
     from .config import load_config
-    from .trainer import Trainer, catch_stop_signals
+    from .training import Trainer, build_run, catch_stop_signals
+    from .training.signals import ignore_stop_signals
 
     _train_arguments(args)
     catch_stop_signals()  # a batch system's warning signal may come while the data loads
@@ -261,9 +207,7 @@ def _train(args) -> int:
         summary = trainer.fit(resume=args.resume)
         # the work is saved: a stop signal from now on is moot. Ignore it, or it meets the default action
         # (Python restores it at exit, while MPI_Finalize still runs) and a finished job exits 15, not 0
-        from .trainer import STOP_SIGNALS
-        for sig in STOP_SIGNALS:
-            signal.signal(sig, signal.SIG_IGN)
+        ignore_stop_signals()
         if comm.rank == 0 and not summary["stopped"]:
             parts = [f"{summary['steps']} steps in {summary['seconds']:.1f} s",
                      f"{summary['samples_per_s']:,.0f} samples/s"]
@@ -302,7 +246,10 @@ def resume_command(args) -> str:
 def _eval(args) -> int:
     from . import checkpoint
     from .config import parse_override, validate
-    from .trainer import Trainer
+    from .distributed import DataParallel
+    from .threads import apply_threads, choose_threads
+    from .training import build_run
+    from .training.evaluation import evaluate
 
     def command(comm):
         _, manifest, path = checkpoint.read_model(args.path) if comm.rank == 0 else (None, None, None)
@@ -314,11 +261,11 @@ def _eval(args) -> int:
             section, key, value = parse_override(text)
             raw.setdefault(section, {})[key] = value
         config = validate(raw, f"config recorded in {path}")
-        model, train, test, loss_fn, info = build_run(config, comm)
-        trainer = Trainer(model, train, loss_fn, test, comm, config["optimizer"], config["training"],
-                          config["checkpoint"], config=config, task=info["task"])
-        checkpoint.load(path, trainer.ddp, None, comm)
-        result = trainer.evaluate()
+        model, _, test, loss_fn, info = build_run(config, comm)
+        apply_threads(choose_threads(comm.node_topology()["local_size"], config["training"]["threads"])[0])
+        ddp = DataParallel(model, comm)
+        checkpoint.load(path, ddp, None, comm)
+        result = evaluate(ddp, test, loss_fn, comm, info["task"], config["training"]["eval_batch_size"])
         if comm.rank == 0:
             print(f"{path}: step {manifest['step']}, " + ", ".join(f"{k} {v:.4f}" for k, v in result.items()))
         return 0

@@ -261,10 +261,8 @@ def load_config(path: str | None, overrides=()) -> dict:
 
 
 def check_consistency(config: dict) -> None:
-    """Rules that involve several keys."""
+    """Raise ConfigError when keys that are valid alone do not work together (the config is not changed)."""
     optimizer = config["optimizer"]
-    if optimizer["strategy"] == "auto":
-        optimizer["strategy"] = "reduce_scatter" if optimizer["sharded"] else "allreduce"
     if not optimizer["sharded"] and optimizer["strategy"] == "reduce_scatter":
         raise ConfigError("optimizer.sharded = false needs optimizer.strategy = 'allreduce' "
                           "(with reduce_scatter each rank only receives its own share of the gradient)")

@@ -187,6 +187,16 @@ def squared_norm(arrays) -> float:
     return total
 
 
+def first_nonfinite(array) -> int | None:
+    """Index of the first NaN or inf in `array` (flattened), or None when every element is finite.
+    One sum decides the common case; only a suspicious sum (NaN/inf, or an overflow) scans."""
+    flat = np.asarray(array).reshape(-1)
+    if math.isfinite(float(flat.sum())):
+        return None
+    bad = np.flatnonzero(~np.isfinite(flat))
+    return int(bad[0]) if bad.size else None
+
+
 def clip_grad_norm(params, max_norm: float) -> float:
     """Scale gradients in place so their global L2 norm is at most `max_norm`; return the norm before.
 

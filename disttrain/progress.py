@@ -1,5 +1,6 @@
 """What rank 0 shows and records while training: a live line on a terminal, plain periodic lines in
-batch logs, and RUN_DIR/metrics.jsonl (one JSON object per line, flushed, safe to tail)."""
+batch logs, and RUN_DIR/metrics.jsonl (one JSON object per line, flushed, safe to tail); and the text
+of those lines and records (the run's banner, each step's record, each epoch's summary)."""
 
 from __future__ import annotations
 
@@ -86,6 +87,44 @@ class Progress:
 
     def wants_line(self, step: int, log_every: int) -> bool:
         return self.mode == "bar" or (self.mode == "lines" and step % log_every == 0)
+
+
+def run_banner(parts, opt_cfg: dict, train_cfg: dict, train_size: int, test_size: int) -> list:
+    """The lines that open a run: world and threads, model and optimizer, data and steps.
+    `parts` is the run's RunParts (training/build.py)."""
+    topology = parts.topology
+    mode = f"ZeRO-1 {parts.ddp.strategy}" if opt_cfg["sharded"] else "replicated (allreduce)"
+    if type(parts.comm).__name__ == "HierarchicalComm":
+        mode += ", hierarchical (node, leaders, node)"
+    return [f"disttrain: world {parts.comm.size} ({topology['nodes']} node(s) x {topology['local_size']} ranks on "
+            f"this node), {parts.threads} BLAS thread(s) per rank ({parts.threads_reason})",
+            f"model: {parts.ddp.layout.total:,} parameters; optimizer {opt_cfg['name']} lr {opt_cfg['lr']:g}, {mode}",
+            f"data: {train_size} train / {test_size} test samples, global batch {train_cfg['batch_size']}, "
+            f"{parts.steps_per_epoch} steps/epoch, {parts.total_steps} steps in all; run dir {train_cfg['run_dir']}"]
+
+
+def step_record(step: int, epoch: int, loss: float, lr: float, samples: int, timing: dict, skipped_steps: int) -> dict:
+    """metrics.jsonl's record of optimizer step `step` (epoch counted from 1). `timing` holds the step's
+    seconds: step_s (all of it), compute_s (forward + backward), comm_s (gradient sync, the step's
+    stats allreduce and the parameter allgather) and optimizer_s (the update)."""
+    seconds = timing["step_s"]
+    return {"kind": "train", "step": step, "epoch": epoch, "loss": loss, "lr": lr,
+            "samples_per_s": samples / seconds if seconds > 0 else 0.0, **timing, "skipped_steps": skipped_steps}
+
+
+def epoch_summary(epoch: int, epochs: int, train_loss: float, step: int, samples: int, seconds: float,
+                  last_eval: dict) -> tuple:
+    """(metrics record, console line) of epoch `epoch` (counted from 1) ending at `step`; the line shows
+    the test metrics when `last_eval` was taken at that step."""
+    record = {"kind": "epoch", "step": step, "epoch": epoch, "train_loss": train_loss,
+              "samples_per_s": samples / seconds if seconds > 0 else 0.0, "seconds": seconds}
+    text = f"epoch {epoch}/{epochs}  train_loss {train_loss:.4f}"
+    if last_eval.get("step") == step:
+        text += f"  test_loss {last_eval['test_loss']:.4f}"
+        if "test_accuracy" in last_eval:
+            text += f"  test_acc {last_eval['test_accuracy']:.4f}"
+    text += f"  {record['samples_per_s']:,.0f} samples/s  {seconds:.1f} s"
+    return record, text
 
 
 def _finite_or_null(value):

@@ -4,7 +4,10 @@ A Tensor holds `data` (a numpy array, float32 unless asked otherwise), and, when
 autograd, the tensors it was computed from (`_parents`) and a `_backward` function that maps the
 gradient of the output to the gradients of those parents. `backward()` walks the graph once in
 reverse topological order. Only leaves (tensors made by the user, such as parameters) keep `.grad`,
-a `Gradient`: a numpy array that also answers the Tensor-style `.data` and `.numpy()`.
+a `Gradient`: a numpy array that also answers the Tensor-style `.data` and `.numpy()`. A leaf may carry
+a `GradSlot`: preallocated storage for its gradient and a hook told when that gradient is complete
+(data-parallel wrappers use it to gather gradients in one flat buffer and to start combining them
+while backward still runs; the engine knows nothing of why).
 
 The operations themselves live in the `ops` package, which also binds them as methods and operators.
 """
@@ -80,6 +83,24 @@ class Gradient(np.ndarray):
         return super().__array_wrap__(array, context)
 
 
+class GradSlot:
+    """Where a leaf's gradient goes, and who hears that it is complete.
+
+    `buffer` is an array of the leaf's shape and dtype: the first gradient a backward brings the leaf
+    is written into it and `leaf.grad` becomes a Gradient view of it (later ones add into it in place).
+    `ready()` is called once per backward, after every contribution to the leaf has arrived, if the
+    leaf has a gradient then. Subclasses override `ready`; the base class only stores.
+    """
+
+    __slots__ = ("buffer",)
+
+    def __init__(self, buffer: np.ndarray):
+        self.buffer = buffer
+
+    def ready(self) -> None:
+        """The leaf's gradient for this backward is complete (default: nothing to do)."""
+
+
 class Tensor:
     """An n-dimensional array with reverse-mode autograd.
 
@@ -91,8 +112,7 @@ class Tensor:
     then it is a `Gradient` of this tensor's shape and dtype.
     """
 
-    __slots__ = ("data", "grad", "requires_grad", "_parents", "_backward", "_grad_view", "_flat", "name",
-                 "__weakref__")
+    __slots__ = ("data", "grad", "requires_grad", "_parents", "_backward", "grad_slot", "name", "__weakref__")
     __array_priority__ = 1000  # so `ndarray + Tensor` calls Tensor.__radd__
 
     def __init__(self, data, requires_grad: bool = False, dtype=None):
@@ -104,6 +124,18 @@ class Tensor:
         elif not _made_from(array, data):
             array = array.copy()
         self._init(array, requires_grad)
+
+    @classmethod
+    def node(cls, data: np.ndarray, parents: tuple, backward) -> "Tensor":
+        """The output of an operation: `data` (no copy), and, when grad is enabled and a parent requires
+        grad, the graph edge back to `parents` through `backward(out_grad) -> one grad per parent`."""
+        out = cls.__new__(cls)
+        out._init(data, False)
+        if _grad_enabled and any(p.requires_grad for p in parents):
+            out.requires_grad = True
+            out._parents = parents
+            out._backward = backward
+        return out
 
     @classmethod
     def wrap(cls, array, requires_grad: bool = False) -> "Tensor":
@@ -122,8 +154,7 @@ class Tensor:
         self.requires_grad = bool(requires_grad)
         self._parents = ()
         self._backward = None
-        self._grad_view = None  # set when the gradient must land in a view of a flat buffer
-        self._flat = None  # the FlatParameters whose buffer `data` is a view of, if any
+        self.grad_slot = None
         self.name = None
 
     # ----------------------------------------------------------------------------------------- basics
@@ -187,10 +218,13 @@ class Tensor:
         grads = {id(self): seed}
         for node in _reverse_topological(self):
             grad = grads.pop(id(node), None)
-            if grad is None:
+            if node._backward is None:  # a leaf: every contribution has arrived (reverse topological order)
+                if grad is not None:
+                    _accumulate_leaf(node, grad)
+                if node.grad_slot is not None and node.grad is not None:
+                    node.grad_slot.ready()
                 continue
-            if node._backward is None:
-                _accumulate_leaf(node, grad)
+            if grad is None:
                 continue
             for parent, parent_grad in zip(node._parents, node._backward(grad)):
                 if parent_grad is None or not parent.requires_grad:
@@ -232,9 +266,9 @@ def _accumulate_leaf(leaf: Tensor, grad: np.ndarray) -> None:
     if grad.shape != leaf.data.shape:
         raise ValueError(f"gradient shape {grad.shape} does not match parameter shape {leaf.data.shape}")
     if leaf.grad is None:
-        if leaf._grad_view is not None:
-            np.copyto(leaf._grad_view, grad, casting="same_kind")
-            leaf.grad = as_gradient(leaf._grad_view)
+        if leaf.grad_slot is not None:
+            np.copyto(leaf.grad_slot.buffer, grad, casting="same_kind")
+            leaf.grad = as_gradient(leaf.grad_slot.buffer)
         else:
             leaf.grad = np.array(grad, dtype=leaf.data.dtype, copy=True, order="C").view(Gradient)
     else:

@@ -64,9 +64,12 @@ def test_bench_runs_disttrain_and_numpy_at_one_and_two_ranks_and_reports_every_f
         check_entry(label, entry)
     # same model, initial parameters and data everywhere: the first losses agree
     assert result["loss_check"]["spread"] < 1e-4
-    # ZeRO-1 halves the optimizer state per rank compared with the non-sharded run on the same layout
-    assert ok["disttrain-zero1@2"]["optimizer_state_bytes_per_rank"][0] * 2 == \
-        ok["disttrain-noshard@2"]["optimizer_state_bytes_per_rank"][0]
+    # ZeRO-1 halves the optimizer state per rank compared with the non-sharded run on the same layout:
+    # the two ranks' states add up to one full state, each within one alignment quantum of half of it
+    sharded = ok["disttrain-zero1@2"]["optimizer_state_bytes_per_rank"]
+    full = ok["disttrain-noshard@2"]["optimizer_state_bytes_per_rank"][0]
+    assert len(sharded) == 2 and sum(sharded) == full
+    assert all(abs(part - full / 2) <= 2 * 2 * 16 * 4 for part in sharded)  # Adam: 2 arrays x 2 ranks x 16 floats
     for label in ("disttrain-zero1@2", "numpy@2"):
         assert ok[label]["breakdown_s"]["wait"] is not None and ok[label]["comm_vs_raw"]["raw_s"] > 0
     ratio_names = {row["name"] for row in result["ratios"]}

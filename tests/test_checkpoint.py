@@ -1,9 +1,9 @@
 """Checkpoints in one process (the single-process communicator): the on-disk format, its safety
 (no pickle, checksums, atomic publication, `latest`, keep-last-N) and resharding of optimizer state.
 
-Resharding is tested directly through `reshard_optimizer_state`: checkpoints laid out for N ranks
+Resharding is tested directly through `read_optimizer_state`: checkpoints laid out for N ranks
 (written here in the documented segment format, or by `save()` itself for N = 1) are read back into
-the layouts of M ranks. The same property under real mpiexec is in test_resume.py.
+the pieces each of M ranks owns. The same property under real mpiexec is in test_resume.py.
 """
 
 import json
@@ -361,35 +361,40 @@ def write_checkpoint_for_world(path, world_size, keys=("exp_avg", "exp_avg_sq"),
             np.savez(os.path.join(path, name), **arrays)
         else:
             segments = [seg for seg in segments if seg["file"] != name]
-    return {"optimizer": {"segments": segments, "scalars": {"step": 17}}}
+    return {"optimizer": {"segments": segments, "scalars": {"step": 17}},
+            "parameters": [{"name": name, "shape": list(shape)} for name, shape in SHAPES]}
+
+
+def owned_pieces(layout, rank):
+    """[(param name, start, stop, flat_lo, flat_hi)] of every piece of a parameter that `rank` owns."""
+    return [piece for lo, hi in layout.owned_ranges(rank) for piece in layout.segments(lo, hi)]
 
 
 @pytest.mark.parametrize("written_by, read_by", [(1, 4), (4, 1), (4, 3), (3, 4), (2, 3), (3, 2), (2, 1), (1, 3)])
 def test_optimizer_state_written_by_n_ranks_reshards_onto_the_ranges_of_m_ranks(tmp_path, written_by, read_by):
     manifest = write_checkpoint_for_world(str(tmp_path), written_by)
     layout = FlatLayout(SHAPES, read_by, BUCKET_ELEMENTS)
-    seen = np.zeros(layout.padded_total, int)
+    seen = np.zeros(layout.total, int)
     for rank in range(read_by):
-        ranges = layout.owned_ranges(rank)
-        states = ckpt.reshard_optimizer_state(str(tmp_path), manifest, layout, ranges)
-        assert len(states) == len(ranges)
-        for (lo, hi), state in zip(ranges, states):
+        pieces = owned_pieces(layout, rank)
+        states = ckpt.read_optimizer_state(str(tmp_path), manifest, [piece[:3] for piece in pieces])
+        assert len(states) == len(pieces)
+        for (_, start, stop, flat_lo, flat_hi), state in zip(pieces, states):
             assert sorted(state) == ["exp_avg", "exp_avg_sq", "step"] and state["step"] == 17
-            real = max(0, min(hi, layout.total) - lo)
             for key in ("exp_avg", "exp_avg_sq"):
-                assert state[key].dtype == np.float32 and state[key].shape == (hi - lo,)
-                assert np.array_equal(state[key][:real], _expected(key, np.arange(lo, lo + real)))
-                assert not state[key][real:].any()  # padding past the last parameter stays zero
-            seen[lo:hi] += 1
-    assert (seen == 1).all()  # the M ranks' ranges tile the whole buffer
+                assert state[key].dtype == np.float32 and state[key].shape == (stop - start,)
+                assert np.array_equal(state[key], _expected(key, np.arange(flat_lo, flat_hi)))
+            seen[flat_lo:flat_hi] += 1
+    assert (seen == 1).all()  # the M ranks' pieces tile every parameter element once
 
 
 def test_resharding_a_checkpoint_with_a_missing_shard_names_the_gap(tmp_path):
     manifest = write_checkpoint_for_world(str(tmp_path), 3, drop_rank=1)
     layout = FlatLayout(SHAPES, 2, BUCKET_ELEMENTS)
-    with pytest.raises(ckpt.CheckpointError, match=r"optimizer state 'exp_avg' covers \d+ of the \d+ elements .*a shard is missing"):
+    with pytest.raises(ckpt.CheckpointError, match=r"optimizer state of parameter '[a-z.]+' covers \d+ of its "
+                                                   r"elements \[\d+, \d+\) \(a shard is missing\)"):
         for rank in range(2):
-            ckpt.reshard_optimizer_state(str(tmp_path), manifest, layout, layout.owned_ranges(rank))
+            ckpt.read_optimizer_state(str(tmp_path), manifest, [piece[:3] for piece in owned_pieces(layout, rank)])
 
 
 @pytest.mark.parametrize("read_by", [2, 3, 4])
@@ -401,10 +406,9 @@ def test_a_checkpoint_saved_by_one_process_reshards_to_each_rank_of_m(tmp_path, 
     layout = FlatLayout(names_shapes, read_by, BUCKET_ELEMENTS)
     manifest = ckpt.read_manifest(path)
     for rank in range(read_by):
-        ranges = layout.owned_ranges(rank)
-        states = ckpt.reshard_optimizer_state(path, manifest, layout, ranges)
-        for (lo, hi), state in zip(ranges, states):
+        pieces = owned_pieces(layout, rank)
+        states = ckpt.read_optimizer_state(path, manifest, [piece[:3] for piece in pieces])
+        for (_, _, _, flat_lo, flat_hi), state in zip(pieces, states):
             assert state["step"] == 3
-            real = max(0, min(hi, layout.total) - lo)
             for key in full:
-                assert np.array_equal(state[key][:real], full[key][lo:lo + real])
+                assert np.array_equal(state[key], full[key][flat_lo:flat_hi])

@@ -501,14 +501,15 @@ def test_threads_per_rank_are_the_node_cores_divided_by_the_ranks_on_it(monkeypa
 # ------------------------------------------------------------------------------- model and data fit
 def test_check_model_fits_also_runs_the_loss_on_the_probe():
     from disttrain import models
+    from disttrain.training import check_model_fits
 
     x = np.zeros((4, 3), np.float32)
     model = models.mlp((3,), 2, hidden=(4,))
-    cli.check_model_fits(model, ArrayDataset(x, np.zeros(4, np.int64)), {"task": "classification", "classes": 2})
+    check_model_fits(model, ArrayDataset(x, np.zeros(4, np.int64)), {"task": "classification", "classes": 2})
     column = ArrayDataset(x, np.zeros((4, 1), np.int64))  # built by hand: not shaped by the npy loader
     with pytest.raises(ValueError, match=r"the loss does not accept the model's output \(2, 2\) with labels of "
                                          r"shape \(2, 1\) int64: cross_entropy: labels shape \(2, 1\)"):
-        cli.check_model_fits(model, column, {"task": "classification", "classes": 2})
+        check_model_fits(model, column, {"task": "classification", "classes": 2})
 
 
 # ------------------------------------------------------------------------------- fresh run, old dir

@@ -8,6 +8,8 @@ launch mistake (N independent singletons started by `srun` without a matching PM
 
 from __future__ import annotations
 
+import contextlib
+import hashlib
 import os
 import socket
 import sys
@@ -91,6 +93,14 @@ class Communicator:
         buffer = np.array([1.0 if flag else 0.0])
         return bool(self.allreduce(buffer, "max")[0] > 0)
 
+    def all_equal(self, values) -> np.ndarray:
+        """COLLECTIVE. For each of `values` (numbers exact in float64, e.g. 48-bit digests or CRCs; the
+        same count on every rank), True where every rank passed the same value: one allreduce (max)
+        of the values beside their negatives."""
+        values = np.asarray(values, dtype=np.float64).reshape(-1)
+        bounds = self.allreduce(np.concatenate([values, -values]), "max")
+        return (bounds[:len(values)] == values) & (bounds[len(values):] == -values)
+
     def node_topology(self) -> dict:
         """COLLECTIVE (first call only). Hosts and ranks per host, from shared-memory groups."""
         return {"nodes": 1, "node_index": 0, "local_rank": 0, "local_size": 1,
@@ -115,12 +125,15 @@ class Communicator:
         prefix = f"[rank {self.rank}] " if self.size > 1 else ""
         print("\n".join(prefix + line for line in str(message).splitlines() or [""]), file=sys.stderr, flush=True)
 
-    def _enter(self, name: str) -> None:
+    @contextlib.contextmanager
+    def _inside(self, name: str):
+        """Mark this rank as inside collective `name` for the watchdog, until the block ends (or raises)."""
         self.current_collective = name
         self.collective_since = time.monotonic()
-
-    def _leave(self) -> None:
-        self.current_collective = None
+        try:
+            yield
+        finally:
+            self.current_collective = None
 
 
 class SingleProcessComm(Communicator):
@@ -171,9 +184,8 @@ class MPIComm(Communicator):
         _check_buffer("allreduce", buffer)
         _check_op(op)
         mpi_op = self._ops[op]
-        self._enter("allreduce")
-        self.comm.Allreduce(self.MPI.IN_PLACE, buffer, op=mpi_op)
-        self._leave()
+        with self._inside("allreduce"):
+            self.comm.Allreduce(self.MPI.IN_PLACE, buffer, op=mpi_op)
         return buffer
 
     def reduce_scatter(self, send, recv=None):
@@ -181,41 +193,36 @@ class MPIComm(Communicator):
         if recv is None:
             if send.size % self.size:
                 raise ValueError(f"reduce_scatter: {send.size} elements do not split into {self.size} equal blocks")
-            self._enter("reduce_scatter")
-            self.comm.Reduce_scatter_block(self.MPI.IN_PLACE, send, op=self.MPI.SUM)
-            self._leave()
+            with self._inside("reduce_scatter"):
+                self.comm.Reduce_scatter_block(self.MPI.IN_PLACE, send, op=self.MPI.SUM)
             return send[:send.size // self.size]
         _check_buffer("reduce_scatter", recv)
         if send.size != recv.size * self.size or send.dtype != recv.dtype:
             raise ValueError(f"reduce_scatter: send has {send.size} {send.dtype} elements, expected "
                              f"{self.size} x {recv.size} {recv.dtype}")
-        self._enter("reduce_scatter")
-        self.comm.Reduce_scatter_block(send, recv, op=self.MPI.SUM)
-        self._leave()
+        with self._inside("reduce_scatter"):
+            self.comm.Reduce_scatter_block(send, recv, op=self.MPI.SUM)
         return recv
 
     def allgather(self, buffer):
         _check_buffer("allgather", buffer)
         if buffer.size % self.size:
             raise ValueError(f"allgather: {buffer.size} elements do not split into {self.size} equal blocks")
-        self._enter("allgather")
-        self.comm.Allgather(self.MPI.IN_PLACE, buffer)
-        self._leave()
+        with self._inside("allgather"):
+            self.comm.Allgather(self.MPI.IN_PLACE, buffer)
         return buffer
 
     def broadcast(self, buffer, root=0):
         _check_buffer("broadcast", buffer)
         if not 0 <= root < self.size:
             raise ValueError(f"broadcast: root {root} is out of range for world size {self.size}")
-        self._enter("broadcast")
-        self.comm.Bcast(buffer, root=root)
-        self._leave()
+        with self._inside("broadcast"):
+            self.comm.Bcast(buffer, root=root)
         return buffer
 
     def barrier(self):
-        self._enter("barrier")
-        self.comm.Barrier()
-        self._leave()
+        with self._inside("barrier"):
+            self.comm.Barrier()
 
     # --- rooted collectives and sub-communicators, for hierarchical.py's three-phase synchronisation
     def reduce(self, send: np.ndarray, recv: np.ndarray | None, root: int = 0, op: str = "sum") -> None:
@@ -223,21 +230,19 @@ class MPIComm(Communicator):
         place); other ranks only send (their recv is ignored, may be None)."""
         _check_buffer("reduce", send)
         _check_op(op)
-        self._enter("reduce")
-        if self.rank != root:
-            self.comm.Reduce(send, None, op=self._ops[op], root=root)
-        else:
-            _check_buffer("reduce", recv)
-            self.comm.Reduce(self.MPI.IN_PLACE if recv is send else send, recv, op=self._ops[op], root=root)
-        self._leave()
+        with self._inside("reduce"):
+            if self.rank != root:
+                self.comm.Reduce(send, None, op=self._ops[op], root=root)
+            else:
+                _check_buffer("reduce", recv)
+                self.comm.Reduce(self.MPI.IN_PLACE if recv is send else send, recv, op=self._ops[op], root=root)
 
     def scatter(self, send: np.ndarray | None, recv: np.ndarray, root: int = 0) -> np.ndarray:
         """COLLECTIVE. `send` on root holds `size` equal blocks of len(recv); rank r receives block r
         (send is ignored, may be None, on other ranks)."""
         _check_buffer("scatter", recv)
-        self._enter("scatter")
-        self.comm.Scatter(send if self.rank == root else None, recv, root=root)
-        self._leave()
+        with self._inside("scatter"):
+            self.comm.Scatter(send if self.rank == root else None, recv, root=root)
         return recv
 
     def gather(self, buffer: np.ndarray, root: int = 0) -> np.ndarray:
@@ -246,13 +251,12 @@ class MPIComm(Communicator):
         _check_buffer("gather", buffer)
         if buffer.size % self.size:
             raise ValueError(f"gather: {buffer.size} elements do not split into {self.size} equal blocks")
-        self._enter("gather")
-        if self.rank == root:
-            self.comm.Gather(self.MPI.IN_PLACE, buffer, root=root)
-        else:
-            block = buffer.size // self.size
-            self.comm.Gather(buffer[self.rank * block:(self.rank + 1) * block], None, root=root)
-        self._leave()
+        with self._inside("gather"):
+            if self.rank == root:
+                self.comm.Gather(self.MPI.IN_PLACE, buffer, root=root)
+            else:
+                block = buffer.size // self.size
+                self.comm.Gather(buffer[self.rank * block:(self.rank + 1) * block], None, root=root)
         return buffer
 
     def split(self, color: int | None, key: int = 0) -> "MPIComm | None":
@@ -266,15 +270,13 @@ class MPIComm(Communicator):
         return MPIComm(self.comm.Split_type(self.MPI.COMM_TYPE_SHARED, key=self.rank))
 
     def allgather_object(self, value):
-        self._enter("allgather_object")
-        result = self.comm.allgather(value)
-        self._leave()
+        with self._inside("allgather_object"):
+            result = self.comm.allgather(value)
         return result
 
     def broadcast_object(self, value, root=0):
-        self._enter("broadcast_object")
-        result = self.comm.bcast(value, root=root)
-        self._leave()
+        with self._inside("broadcast_object"):
+            result = self.comm.bcast(value, root=root)
         return result
 
     def abort(self, code=1):
@@ -302,6 +304,11 @@ class MPIComm(Communicator):
                               "local_rank": local_rank, "local_size": local_size,
                               "hostnames": [entries[rank][1] for rank in leaders]}
         return self._topology
+
+
+def digest48(text: str) -> int:
+    """A 48-bit digest of `text` (sha256): exact in float64, so all_equal can compare it."""
+    return int.from_bytes(hashlib.sha256(text.encode()).digest()[:6], "little")
 
 
 # ------------------------------------------------------------------------------------------- init

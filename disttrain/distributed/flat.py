@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from ..tensor import Gradient
+from ..tensor import Gradient, GradSlot
 
 ALIGN_ELEMENTS = 16  # each rank's chunk starts on a 64-byte boundary
 
@@ -54,12 +54,16 @@ class FlatLayout:
     def segments(self, lo: int, hi: int) -> list:
         """Pieces of parameters inside flat range [lo, hi): (name, start, stop, flat_lo, flat_hi),
         where [start, stop) indexes the parameter's flattened elements."""
+        return [piece for _, piece in self.indexed_segments(lo, hi)]
+
+    def indexed_segments(self, lo: int, hi: int) -> list:
+        """segments(lo, hi), each paired with its parameter's index in `entries`: (index, piece)."""
         pieces = []
-        for name, offset, shape in self.entries:
+        for index, (name, offset, shape) in enumerate(self.entries):
             size = int(np.prod(shape, dtype=np.int64))
             a, b = max(lo, offset), min(hi, offset + size)
             if a < b:
-                pieces.append((name, a - offset, b - offset, a, b))
+                pieces.append((index, (name, a - offset, b - offset, a, b)))
         return pieces
 
     def signature(self) -> str:
@@ -67,12 +71,29 @@ class FlatLayout:
         return ";".join(f"{name}:{'x'.join(map(str, shape))}" for name, _, shape in self.entries)
 
 
+class FlatGradSlot(GradSlot):
+    """A parameter's GradSlot in a flat gradient buffer: `buffer` is its view of `flat_grads`, `index`
+    its position in the layout, and `listener(index)`, if set, hears that its gradient is complete."""
+
+    __slots__ = ("index", "listener")
+
+    def __init__(self, buffer: np.ndarray, index: int):
+        super().__init__(buffer)
+        self.index = index
+        self.listener = None
+
+    def ready(self) -> None:
+        if self.listener is not None:
+            self.listener(self.index)
+
+
 class FlatParameters:
     """Moves parameters into one flat float32 buffer (their `.data` become views of it) and gives each
-    a view of a flat gradient buffer that backward() writes into.
+    a FlatGradSlot: its view of a flat gradient buffer that backward() writes into.
 
-    `flat_params` and `flat_grads` have `layout.padded_total` elements. A parameter whose `.grad` is
-    None has taken no part in this step's backward; `fill_missing_grads()` zeroes those views.
+    `flat_params` and `flat_grads` have `layout.padded_total` elements; `params[i]` and `slots[i]`
+    belong to `names[i]`, in layout order. A parameter whose `.grad` is None has taken no part in this
+    step's backward; `fill_missing_grads()` zeroes those views.
     """
 
     def __init__(self, named_params, world_size: int, bucket_elements: int):
@@ -88,24 +109,26 @@ class FlatParameters:
         self.flat_params = np.zeros(self.layout.padded_total, np.float32)
         self.flat_grads = np.zeros(self.layout.padded_total, np.float32)
         self.views = []  # each parameter's view of flat_params, to repair a replaced .data
-        for (name, offset, shape), param in zip(self.layout.entries, self.params):
+        self.slots = []
+        for index, ((name, offset, shape), param) in enumerate(zip(self.layout.entries, self.params)):
             size = param.data.size
             view = self.flat_params[offset:offset + size].reshape(shape)
             self.views.append(view)
             view[...] = param.data
-            grad_view = self.flat_grads[offset:offset + size].reshape(shape).view(Gradient)
+            slot = FlatGradSlot(self.flat_grads[offset:offset + size].reshape(shape).view(Gradient), index)
             if param.grad is not None:
-                grad_view[...] = param.grad
-                param.grad = grad_view
+                slot.buffer[...] = param.grad
+                param.grad = slot.buffer
             param.data = view
-            param._grad_view = grad_view
-            param._flat = self
+            param.grad_slot = slot
+            self.slots.append(slot)
 
-    def fill_missing_grads(self) -> None:
-        """Zero the gradient views of parameters that received no gradient (so they sum as zeros)."""
-        for param in self.params:
-            if param.grad is None:
-                param._grad_view.fill(0.0)
+    def fill_missing_grads(self, indices=None) -> None:
+        """Zero the gradient views of parameters (all, or those at `indices`) that received no gradient,
+        so that they sum as zeros."""
+        for index in range(len(self.params)) if indices is None else indices:
+            if self.params[index].grad is None:
+                self.slots[index].buffer.fill(0.0)
 
     def repair_views(self) -> None:
         """Put back any parameter whose `.data` was replaced (`p.data = new_array`) instead of updated

@@ -52,12 +52,11 @@ class HierarchicalComm(Communicator):
     def allreduce(self, buffer, op="sum"):
         _check_buffer("allreduce", buffer)
         _check_op(op)
-        self._enter("allreduce")
-        self.node.reduce(buffer, buffer, root=0, op=op)
-        if self.is_leader:
-            self.leaders.allreduce(buffer, op)
-        self.node.broadcast(buffer, root=0)
-        self._leave()
+        with self._inside("allreduce"):
+            self.node.reduce(buffer, buffer, root=0, op=op)
+            if self.is_leader:
+                self.leaders.allreduce(buffer, op)
+            self.node.broadcast(buffer, root=0)
         return buffer
 
     def reduce_scatter(self, send, recv=None):
@@ -70,14 +69,13 @@ class HierarchicalComm(Communicator):
         if send.size != recv.size * self.size or send.dtype != recv.dtype:
             raise ValueError(f"reduce_scatter: send has {send.size} {send.dtype} elements, expected "
                              f"{self.size} x {recv.size} {recv.dtype}")
-        self._enter("reduce_scatter")
-        node_sum = self._buffer("node_sum", send.size, send.dtype) if self.is_leader else None
-        self.node.reduce(send, node_sum, root=0)
-        node_share = self._buffer("node_share", recv.size * self.node.size, recv.dtype) if self.is_leader else None
-        if self.is_leader:
-            self.leaders.reduce_scatter(node_sum, node_share)
-        self.node.scatter(node_share, recv, root=0)
-        self._leave()
+        with self._inside("reduce_scatter"):
+            node_sum = self._buffer("node_sum", send.size, send.dtype) if self.is_leader else None
+            self.node.reduce(send, node_sum, root=0)
+            node_share = self._buffer("node_share", recv.size * self.node.size, recv.dtype) if self.is_leader else None
+            if self.is_leader:
+                self.leaders.reduce_scatter(node_sum, node_share)
+            self.node.scatter(node_share, recv, root=0)
         return recv
 
     def allgather(self, buffer):
@@ -86,15 +84,14 @@ class HierarchicalComm(Communicator):
         _check_buffer("allgather", buffer)
         if buffer.size % self.size:
             raise ValueError(f"allgather: {buffer.size} elements do not split into {self.size} equal blocks")
-        self._enter("allgather")
-        share = buffer.size // self.size * self.node.size
-        first = self.rank - self.node.rank  # this node's first world rank: its share starts there
-        start = first * (buffer.size // self.size)
-        self.node.gather(buffer[start:start + share], root=0)
-        if self.is_leader:
-            self.leaders.allgather(buffer)
-        self.node.broadcast(buffer, root=0)
-        self._leave()
+        with self._inside("allgather"):
+            share = buffer.size // self.size * self.node.size
+            first = self.rank - self.node.rank  # this node's first world rank: its share starts there
+            start = first * (buffer.size // self.size)
+            self.node.gather(buffer[start:start + share], root=0)
+            if self.is_leader:
+                self.leaders.allgather(buffer)
+            self.node.broadcast(buffer, root=0)
         return buffer
 
     # --- everything else is the world's

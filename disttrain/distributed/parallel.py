@@ -5,16 +5,18 @@ combined across ranks in buckets (one MPI call per bucket, never one per paramet
 from __future__ import annotations
 
 import contextlib
-import hashlib
+import weakref
 
 import numpy as np
 
 from ..nn import Module
-from .comm import Communicator
+from .comm import Communicator, digest48
 from .flat import FlatParameters
 
 STRATEGIES = ("auto", "reduce_scatter", "allreduce")
 DEFAULT_BUCKET_MB = 25.0
+# id(parameter) -> the DataParallel that laid it out (entries vanish with their DataParallel)
+_owners: "weakref.WeakValueDictionary[int, DataParallel]" = weakref.WeakValueDictionary()
 
 
 class ModelMismatchError(RuntimeError):
@@ -30,8 +32,8 @@ class DataParallel(Module):
     summed gradient of the chunks it owns: half an allreduce's traffic; for a ShardedOptimizer, and
     parameters' `.grad` are cleared after the sync because the rest of the buffer is then scratch),
     "allreduce" (every rank receives the whole summed gradient: any optimizer works), or "auto"
-    (the default: reduce_scatter once a sharded ShardedOptimizer takes these parameters, else
-    allreduce). `bucket_mb` bounds one collective.
+    (the default: reduce_scatter once a ShardedOptimizer with shard=True adopts it, else allreduce;
+    see `strategy`). `bucket_mb` bounds one collective.
     """
 
     def __init__(self, model, comm: Communicator, strategy: str = "auto",
@@ -42,27 +44,63 @@ class DataParallel(Module):
             raise ValueError(f"bucket_mb must be > 0, got {bucket_mb!r}")
         self.module = model
         self.comm = comm
-        self.strategy = strategy
+        self.requested_strategy = strategy
+        self.sharded_update = False  # set by adopt(): a ShardedOptimizer with shard=True reads the gradients
         named = list(_named_parameters(model))
         check_same_model(comm, [(name, p.shape, str(p.dtype)) for name, p in named])
         self.flat = FlatParameters(named, comm.size, int(bucket_mb * 2**20) // 4)
-        self.flat.data_parallel = self
         self.layout = self.flat.layout
         self.owned_ranges = self.layout.owned_ranges(comm.rank)
-        self.absent = []  # parameters that had no gradient on any rank in the last sync
+        self.absent = []  # indices of parameters that had no gradient on any rank in the last sync
         self.synced = False
         self._sync_enabled = True
+        for param in self.flat.params:
+            _owners[id(param)] = self
         comm.broadcast(self.flat.flat_params, root=0)
-        if isinstance(model, Module):
-            for _, buffer in model.named_buffers():
-                if buffer.dtype == np.float32 and buffer.flags.c_contiguous:
-                    comm.broadcast(buffer, root=0)
+        self.broadcast_buffers()
+
+    @staticmethod
+    def owning(params) -> "DataParallel | None":
+        """The DataParallel whose parameters are exactly `params` (same tensors, same order), else None."""
+        params = list(params)
+        owner = _owners.get(id(params[0])) if params else None
+        if owner is None or [id(p) for p in owner.flat.params] != [id(p) for p in params]:
+            return None
+        return owner
+
+    def adopt(self, sharded: bool, strategy: str | None = None) -> None:
+        """Declare the optimizer that reads this DataParallel's gradients: a sharded update (each rank
+        updates only its owned ranges) or a replicated one. With strategy "auto" that choice decides
+        the collective (reduce_scatter for a sharded update, else allreduce); an explicit `strategy`
+        must agree with the one this DataParallel was given. Raises ValueError on a combination that
+        cannot work (a replicated update needs every rank to hold the whole gradient)."""
+        if strategy not in (None, "auto") and self.requested_strategy not in ("auto", strategy):
+            raise ValueError(f"strategy {strategy!r} differs from the DataParallel's {self.requested_strategy!r}")
+        if strategy not in (None, "auto"):
+            self.requested_strategy = strategy
+        self.sharded_update = bool(sharded)
+        if not sharded and self.strategy != "allreduce":
+            raise ValueError("shard=False needs the 'allreduce' strategy (every rank updates everything)")
+
+    @property
+    def strategy(self) -> str:
+        """The collective that combines gradients: "reduce_scatter" or "allreduce" ("auto" resolved:
+        reduce_scatter once a sharded update is adopted, else allreduce)."""
+        if self.requested_strategy != "auto":
+            return self.requested_strategy
+        return "reduce_scatter" if self.sharded_update else "allreduce"
 
     @property
     def _scatters(self) -> bool:
         # reduce-scatter runs in place: the summed gradient of the chunk this rank owns in bucket
         # [lo, hi) lands at flat_grads[lo:lo + chunk] (MPI's in-place rule), so no second buffer exists
         return self.strategy == "reduce_scatter" and self.comm.size > 1
+
+    def broadcast_buffers(self) -> None:
+        """COLLECTIVE. Copy rank 0's float32 buffers (e.g. BatchNorm statistics) to every rank."""
+        for _, buffer in self.named_buffers():
+            if buffer.dtype == np.float32 and buffer.flags.c_contiguous:
+                self.comm.broadcast(buffer, root=0)
 
     # --- the model's face
     def forward(self, *args, **kwargs):
@@ -151,10 +189,7 @@ def check_same_model(comm: Communicator, signature: list) -> None:
     """COLLECTIVE. Raise ModelMismatchError on every rank unless all ranks pass the same
     [(name, shape, dtype), ...]; the message names the first differing parameter on both sides."""
     text = ";".join(f"{name}:{tuple(shape)}:{dtype}" for name, shape, dtype in signature)
-    digest = int.from_bytes(hashlib.sha256(text.encode()).digest()[:6], "little")
-    bounds = np.array([digest, -digest], dtype=np.float64)  # 48 bits: exact in float64
-    comm.allreduce(bounds, "max")
-    if bounds[0] == digest and bounds[1] == -digest:
+    if comm.all_equal([digest48(text)]).all():
         return
     everyone = comm.allgather_object(signature)  # error path only
     reference = everyone[0]

@@ -1,5 +1,11 @@
-"""ShardedOptimizer: ZeRO stage 1. Any Optimizer runs, unchanged, over the chunks of the flat
-parameter buffer this rank owns; the full parameters are then shared again with an allgather.
+"""ShardedOptimizer: ZeRO stage 1. Any Optimizer runs, unchanged, over the pieces of the flat parameter
+buffer this rank owns; the full parameters are then shared again with an allgather.
+
+The wrapped optimizer is handed one Tensor per segment: the intersection of an owned flat range with
+one parameter. It therefore keeps state per parameter piece (Adam's step count included) and skips a
+piece whose parameter had no gradient on any rank, exactly as one process's optimizer skips a
+parameter whose grad is None. Its state is saved and restored by parameter name and element range
+(shard_state.py), so it loads onto any world size.
 """
 
 from __future__ import annotations
@@ -9,8 +15,9 @@ import time
 
 import numpy as np
 
-from ..optim import Optimizer, scale_grads, squared_norm
+from ..optim import Optimizer, first_nonfinite, scale_grads, squared_norm
 from ..tensor import Gradient, Tensor
+from . import shard_state
 from .comm import Communicator
 from .parallel import DEFAULT_BUCKET_MB, DataParallel
 
@@ -18,38 +25,39 @@ from .parallel import DEFAULT_BUCKET_MB, DataParallel
 class ShardedOptimizer:
     """`ShardedOptimizer(optim.Adam, params, comm, lr=..., ...)`: ZeRO-1 around any Optimizer class.
 
-    `params` are a DataParallel's parameters (its flat buffers and strategy are used) or plain
-    parameters (a DataParallel is made for them: COLLECTIVE, and rank 0's values are broadcast).
-    With `shard=True` rank r keeps optimizer state only for the chunks it owns (state bytes per rank =
-    total / size); with `shard=False` every rank keeps full state and updates everything after an
-    allreduce. The wrapped optimizer sees one Tensor per owned flat range: it does not know it is
-    sharded. A parameter without a gradient on a rank takes part as zeros (it is still updated, as
-    every element of the flat buffer is). `step()`, `reset_grad()` and `clip_grad_norm()` are COLLECTIVE.
+    `params` are a DataParallel's parameters (that DataParallel's flat buffers are used; pass it as
+    `data_parallel=` or let it be found from the parameters) or plain parameters (a DataParallel is made
+    for them: COLLECTIVE, and rank 0's values are broadcast). With `shard=True` rank r keeps optimizer
+    state only for the pieces it owns (state bytes per rank ~ total / size); with `shard=False` every
+    rank keeps full state and updates everything after an allreduce. `segments[i]` = (parameter index,
+    name, start, stop, flat_lo, flat_hi) describes `shard_params[i]`, the Tensor the wrapped optimizer
+    updates: elements [start, stop) of that parameter, at [flat_lo, flat_hi) of the flat buffer.
+    `step()`, `reset_grad()`, `clip_grad_norm()` and `consolidate_state_dict()` are COLLECTIVE.
     """
 
     def __init__(self, optimizer_class, params, comm: Communicator, *, shard: bool = True,
-                 strategy: str | None = None, bucket_mb: float = DEFAULT_BUCKET_MB, **hyperparameters):
+                 strategy: str | None = None, bucket_mb: float = DEFAULT_BUCKET_MB,
+                 data_parallel: DataParallel | None = None, **hyperparameters):
         if not (isinstance(optimizer_class, type) and issubclass(optimizer_class, Optimizer)):
             raise TypeError(f"optimizer_class must be a subclass of disttrain.optim.Optimizer, got {optimizer_class!r}")
         params = list(params)
         if not params:
             raise ValueError("ShardedOptimizer got an empty parameter list")
-        owner = params[0]._flat.data_parallel if getattr(params[0], "_flat", None) is not None else None
-        if owner is None or [id(p) for p in owner.flat.params] != [id(p) for p in params]:
+        owner = data_parallel or DataParallel.owning(params)
+        if owner is None:
             owner = DataParallel(params, comm, strategy=strategy or ("reduce_scatter" if shard else "allreduce"),
                                  bucket_mb=bucket_mb)
-        elif strategy is not None and strategy != owner.strategy and owner.strategy != "auto":
-            raise ValueError(f"strategy {strategy!r} differs from the DataParallel's {owner.strategy!r}")
-        if owner.strategy == "auto":  # the DataParallel left it to us: the cheapest that works
-            owner.strategy = strategy or ("reduce_scatter" if shard else "allreduce")
-        if not shard and owner.strategy != "allreduce":
-            raise ValueError("shard=False needs the 'allreduce' strategy (every rank updates everything)")
-        self.ddp, self.comm, self.shard = owner, comm, shard
-        self.params = params
-        flat = owner.flat
-        ranges = owner.owned_ranges if shard else [(0, flat.layout.padded_total)]
-        self.ranges = ranges
-        self._views = [flat.flat_params[lo:hi] for lo, hi in ranges]
+        owner.adopt(shard, strategy)
+        self.ddp, self.comm, self.shard, self.params = owner, comm, shard, params
+        layout = owner.layout
+        self.ranges = owner.owned_ranges if shard else [(0, layout.padded_total)]
+        self.segments = [(index, name, start, stop, flat_lo, flat_hi)
+                         for lo, hi in self.ranges
+                         for index, (name, start, stop, flat_lo, flat_hi) in layout.indexed_segments(lo, hi)]
+        flat_params = owner.flat.flat_params
+        self._views = [flat_params[flat_lo:flat_hi] for *_, flat_lo, flat_hi in self.segments]
+        if not self._views:  # this rank owns only padding: a zero-length piece keeps the optimizer valid
+            self._views = [flat_params[layout.padded_total:]]
         self.shard_params = [Tensor.wrap(view, requires_grad=True) for view in self._views]
         self.optimizer = optimizer_class(self.shard_params, **hyperparameters)
         self.last_update_seconds = self.last_gather_seconds = 0.0
@@ -65,6 +73,7 @@ class ShardedOptimizer:
 
     @property
     def state(self) -> list:
+        """The wrapped optimizer's state: one dict per segment, in `segments` order."""
         return self.optimizer.state
 
     def state_bytes(self) -> int:
@@ -77,77 +86,60 @@ class ShardedOptimizer:
         if not self.ddp.synced:
             self.ddp.sync_gradients()
 
-    def _grads(self) -> list:
+    def range_grads(self) -> list:
+        """Views of the combined gradient over each range this rank updates (valid after sync())."""
         return self.ddp.owned_grads() if self.shard else [self.ddp.flat.flat_grads]
+
+    def segment_grads(self) -> list:
+        """Views of the combined gradient of each segment, in `segments` order (valid after sync())."""
+        by_range = dict(zip(self.ranges, self.range_grads()))
+        grads = []
+        for *_, flat_lo, flat_hi in self.segments:
+            lo, hi = next(r for r in self.ranges if r[0] <= flat_lo and flat_hi <= r[1])
+            grads.append(by_range[(lo, hi)][flat_lo - lo:flat_hi - lo])
+        return grads
 
     def local_grad_sumsq(self) -> float:
         """Sum of squares (float64) of the combined gradient over the ranges this rank updates."""
         self.sync()
-        return squared_norm(self._grads())
+        return squared_norm(self.range_grads())
 
     def first_nonfinite_index(self) -> int | None:
         """Flat index of the first NaN/inf in the combined gradient this rank updates (None: all finite)."""
-        for (lo, _), grad in zip(self.ranges, self._grads()):
-            bad = np.flatnonzero(~np.isfinite(grad))
-            if bad.size:
-                return lo + int(bad[0])
+        for (lo, _), grad in zip(self.ranges, self.range_grads()):
+            index = first_nonfinite(grad)
+            if index is not None:
+                return lo + index
         return None
 
     def clip_grad_norm(self, max_norm: float) -> float:
         """COLLECTIVE. Scale the combined gradient so its global L2 norm is <= max_norm; return the norm.
 
         The norm is the square root of the sum over ranks of each rank's float64 sum of squares of its
-        own chunks (one scalar allreduce), equal to the single-process norm up to rounding.
+        own ranges (one scalar allreduce), equal to the single-process norm up to rounding.
         """
         total = np.array([self.local_grad_sumsq()])
         if self.shard:
             self.comm.allreduce(total, "sum")
         norm = math.sqrt(total[0])
-        scale_grads(self._grads(), norm, float(max_norm))
+        scale_grads(self.range_grads(), norm, float(max_norm))
         return norm
 
     def step(self) -> None:
-        """COLLECTIVE. Combine gradients (unless done), update the owned chunks, allgather the parameters."""
+        """COLLECTIVE. Combine gradients (unless done), update the owned pieces of every parameter that
+        had a gradient on some rank, allgather the parameters."""
         self.sync()
-        for tensor, grad in zip(self.shard_params, self._grads()):
-            tensor.grad = grad.view(Gradient)  # reads like a Tensor for a user optimizer (grad.data)
+        absent = set(self.ddp.absent)
+        for tensor, segment, grad in zip(self.shard_params, self.segments, self.segment_grads()):
+            tensor.grad = None if segment[0] in absent else grad.view(Gradient)
         started = time.perf_counter()
-        frozen = self._freeze_absent()
         self.optimizer.step()
         self._keep_views()
-        self._thaw(frozen)
         updated = time.perf_counter()
         if self.shard and self.comm.size > 1:
             self.ddp.gather_parameters()
         self.last_update_seconds, self.last_gather_seconds = updated - started, time.perf_counter() - updated
         self.ddp.synced = False
-
-    def _freeze_absent(self) -> list:
-        """(values view, saved values, state, offset, saved state) for every piece of this rank's
-        ranges that belongs to a parameter with no gradient on any rank: the update must leave those
-        as they were (a single process's optimizer skips a parameter whose grad is None; the flat
-        update would move it through momentum and weight decay)."""
-        frozen = []
-        for index in self.ddp.absent:
-            _, offset, shape = self.ddp.layout.entries[index]
-            end = offset + int(np.prod(shape))
-            for (lo, hi), view, state in zip(self.ranges, self._views, self.optimizer.state):
-                a, b = max(lo, offset), min(hi, end)
-                if a < b:
-                    saved = {key: value[a - lo:b - lo].copy() for key, value in state.items()
-                             if isinstance(value, np.ndarray) and value.shape == view.shape}
-                    frozen.append((view[a - lo:b - lo], view[a - lo:b - lo].copy(), state, a - lo, saved))
-        return frozen
-
-    @staticmethod
-    def _thaw(frozen: list) -> None:
-        """Undo the update on what _freeze_absent saved; state created by this step starts at zero there."""
-        for values, saved_values, state, start, saved in frozen:
-            values[:] = saved_values
-            for key, value in state.items():
-                if isinstance(value, np.ndarray) and value.ndim == 1 and len(value) >= start + len(values):
-                    piece = value[start:start + len(values)]
-                    piece[:] = saved[key] if key in saved else 0
 
     def _keep_views(self) -> None:
         """A wrapped optimizer that replaced `p.data` (p.data = p.data - ...) instead of updating it in
@@ -167,44 +159,21 @@ class ShardedOptimizer:
     zero_grad = reset_grad
 
     # --- state
-    def partition(self) -> dict:
-        """The layout this rank's state refers to: world size, rank, owned flat ranges, parameters."""
-        layout = self.ddp.layout
-        return {"world_size": self.comm.size, "rank": self.comm.rank, "shard": self.shard,
-                "ranges": [list(r) for r in self.ranges], "padded_total": layout.padded_total,
-                "entries": [[name, offset, list(shape)] for name, offset, shape in layout.entries]}
-
-    def state_dict(self) -> dict:
-        """This rank's shard of the optimizer state plus the partition it refers to."""
-        return {"partition": self.partition(), "optimizer": self.optimizer.state_dict()}
+    def state_dict(self, copy: bool = True) -> dict:
+        """This rank's optimizer state, keyed by parameter name and element range (see shard_state):
+        {"class", "hyperparameters", "sharded", "world_size", "stateful", "segments": [{"param", "start",
+        "stop", "arrays": {key: float32 array}, "scalars": {key: number}}]}; pieces without state are
+        left out. Arrays are copies unless copy=False (views of the live state)."""
+        return shard_state.state_dict(self, copy)
 
     def load_state_dict(self, state_dict: dict) -> None:
-        """Restore a state_dict() written with the same world size and model (see checkpoint for resharding)."""
-        mine, theirs = self.partition(), state_dict["partition"]
-        for key in ("world_size", "rank", "ranges", "entries", "shard"):
-            if mine[key] != theirs[key]:
-                raise ValueError(f"optimizer state was written for a different partition ({key}: "
-                                 f"{theirs[key]!r}, here {mine[key]!r}); load it through disttrain.checkpoint to reshard")
-        self.optimizer.load_state_dict(state_dict["optimizer"])
+        """Restore state saved by any world size: each of this rank's pieces is assembled from the saved
+        segments of its parameter that overlap it (arrays may be loaded lazily, on first access).
+        Raises ValueError naming the parameter when saved state covers a piece only in part."""
+        shard_state.load_state_dict(self, state_dict)
 
     def consolidate_state_dict(self) -> dict | None:
-        """COLLECTIVE. The full optimizer state on rank 0 as {state key: {param name: array}} plus
-        scalars under "scalars"; None on other ranks."""
-        layout = self.ddp.layout
-        keys = sorted({key for state in self.optimizer.state for key, value in state.items()
-                       if isinstance(value, np.ndarray)})
-        full = {}
-        for key in keys:
-            buffer = np.zeros(layout.padded_total, np.float32)
-            for (lo, hi), state in zip(self.ranges, self.optimizer.state):
-                buffer[lo:hi] = state[key]
-            if self.shard:
-                for lo, hi in layout.buckets:
-                    self.comm.allgather(buffer[lo:hi])
-            full[key] = {name: buffer[offset:offset + int(np.prod(shape))].reshape(shape).copy()
-                         for name, offset, shape in layout.entries}
-        if self.comm.rank != 0:
-            return None
-        scalars = {key: value for key, value in self.optimizer.state[0].items()
-                   if not isinstance(value, np.ndarray)} if self.optimizer.state else {}
-        return {"state": full, "scalars": scalars, "hyperparameters": self.optimizer.hyperparameters()}
+        """COLLECTIVE. The full optimizer state on rank 0 as {"state": {key: {param name: array}},
+        "scalars": the first parameter's scalars, "parameter_scalars": {name: scalars},
+        "hyperparameters"}; None on other ranks. Parameters without state hold zeros."""
+        return shard_state.consolidate(self)

@@ -5,26 +5,12 @@ from __future__ import annotations
 
 import numpy as np
 
-from .. import tensor as _tensor
 from ..tensor import Tensor, as_array, as_gradient
 
 
 def _result(data: np.ndarray, parents: tuple, backward) -> Tensor:
-    out = Tensor.__new__(Tensor)
-    out.data = data
-    out.grad = None
-    out._grad_view = None
-    out._flat = None
-    out.name = None
-    if _tensor._grad_enabled and any(p.requires_grad for p in parents):
-        out.requires_grad = True
-        out._parents = parents
-        out._backward = backward
-    else:
-        out.requires_grad = False
-        out._parents = ()
-        out._backward = None
-    return out
+    """The op's output Tensor over `data`, joined to the graph through `backward` (see Tensor.node)."""
+    return Tensor.node(data, parents, backward)
 
 
 def as_tensor(value, like: Tensor | None = None) -> Tensor:
@@ -72,15 +58,17 @@ def _broadcast_error(op: str, a: Tensor, b: Tensor) -> ValueError:
 def _leaf_grad(leaf: Tensor, compute):
     """The gradient `compute(out)` makes for `leaf`, or None if it needs none.
 
-    When `leaf` is a parameter with a flat-buffer gradient view and no gradient yet, the result is
-    written straight into that view (no temporary, no copy) and becomes `leaf.grad`; None is returned
-    so the engine adds nothing more. Otherwise the gradient is returned for the engine to accumulate.
+    When `leaf` is a leaf with a GradSlot and no gradient yet, the result is written straight into the
+    slot's buffer (no temporary, no copy) and becomes `leaf.grad`; None is returned so the engine adds
+    nothing more (it still calls the slot's ready() when it reaches the leaf). Otherwise the gradient
+    is returned for the engine to accumulate. `compute(out)` writes into `out` if given, else returns
+    a new array.
     """
     if not leaf.requires_grad:
         return None
-    view = leaf._grad_view
-    if view is not None and leaf.grad is None and leaf._backward is None:
-        compute(view)
-        leaf.grad = as_gradient(view)
+    slot = leaf.grad_slot
+    if slot is not None and leaf.grad is None and leaf._backward is None:
+        compute(slot.buffer)
+        leaf.grad = as_gradient(slot.buffer)
         return None
     return compute(None)

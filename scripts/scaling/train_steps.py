@@ -24,7 +24,7 @@ import sys
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))))
 
 from disttrain import config as config_module  # noqa: E402
-from disttrain.cli import build_run  # noqa: E402
+from disttrain.training import build_run  # noqa: E402
 from disttrain.distributed import init  # noqa: E402
 from disttrain.distributed.hierarchical import HierarchicalComm  # noqa: E402
 from disttrain.trainer import Trainer  # noqa: E402
@@ -40,9 +40,9 @@ class RecordingTrainer(Trainer):
         super().__init__(*args, **kwargs)
         self.records = []
 
-    def _log_step(self, loss, lr, samples, seconds, compute, comm_seconds, update) -> None:
-        self.records.append((seconds, compute, comm_seconds, update))
-        super()._log_step(loss, lr, samples, seconds, compute, comm_seconds, update)
+    def after_step(self, record: dict) -> None:
+        self.records.append(tuple(record[field] for field in FIELDS))
+        super().after_step(record)
 
 
 def main(argv=None) -> int:
