@@ -14,6 +14,7 @@ import math
 import numpy as np
 
 from . import ops
+from .ops.images import _pair_arg
 from .tensor import DEFAULT_FLOAT, Tensor, no_grad
 
 _default_rng = np.random.default_rng(0)
@@ -336,7 +337,7 @@ class Conv2d(Module):
     def __init__(self, in_channels: int, out_channels: int, kernel_size, stride=1, padding=0,
                  bias: bool = True, rng=None):
         _check_positive(in_channels=in_channels, out_channels=out_channels)
-        kh, kw = ops._pair_arg(kernel_size, "kernel_size")
+        kh, kw = _pair_arg(kernel_size, "kernel_size")
         fan_in = in_channels * kh * kw
         self.weight = Parameter(kaiming_uniform((out_channels, in_channels, kh, kw), fan_in, rng))
         self.bias = Parameter(np.zeros(out_channels, DEFAULT_FLOAT)) if bias else None

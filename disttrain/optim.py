@@ -1,4 +1,5 @@
-"""Optimizers (the seed's API and update rules), learning-rate schedules, and gradient clipping.
+"""Optimizers (SGD, Adam, AdamW with the update rules stated on each), learning-rate schedules, and
+gradient clipping.
 
 `Optimizer(params)` holds a list of Tensors and one state dict per Tensor. The update of each Tensor is
 one fused pass over its flattened data (fused.py: numba when installed, chunked numpy otherwise), so
@@ -105,7 +106,7 @@ def _check_range(name: str, value: float, low: float, high: float | None = None,
 
 
 class SGD(Optimizer):
-    """SGD with the seed's momentum: u = m*u + (1-m)*g; p = p*(1 - lr*wd) - lr*u (u starts at 0).
+    """SGD with momentum as an exponential average: u = m*u + (1-m)*g; p = p*(1 - lr*wd) - lr*u (u starts at 0).
 
     With momentum 0 no buffer is kept and the update is p = p*(1 - lr*wd) - lr*g.
     """
@@ -129,7 +130,7 @@ class SGD(Optimizer):
 
 
 class Adam(Optimizer):
-    """Adam with L2 weight decay, the seed's rule, t counting from 1:
+    """Adam with L2 weight decay (added to the gradient), t counting from 1:
 
     g = g + wd*p; m = b1*m + (1-b1)*g; v = b2*v + (1-b2)*g^2;
     p = p - lr * (m / (1 - b1^t)) / (sqrt(v / (1 - b2^t)) + eps)

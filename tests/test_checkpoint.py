@@ -106,7 +106,7 @@ def test_manifest_records_step_world_versions_parameters_state_and_every_file(tm
     assert sorted(manifest["files"]) == on_disk == ["model.npz", "optimizer-part-00000.npz"]
     for name, info in manifest["files"].items():
         assert info["bytes"] == os.path.getsize(os.path.join(path, name))
-        assert info["sha256"] == ckpt._sha256(os.path.join(path, name))
+        assert info["sha256"] == ckpt.files._sha256(os.path.join(path, name))
 
     # the segment table covers every element of every parameter once, for each state array
     sizes = {name: int(np.prod(shape)) for name, _, shape in ddp.layout.entries}

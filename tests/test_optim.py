@@ -268,9 +268,17 @@ def test_invalid_hyperparameters_raise_value_error_naming_them(make, pattern):
         make(_params())
 
 
-def test_boundary_hyperparameters_are_accepted():
-    optim.SGD(_params(), lr=0.0, momentum=0.0, weight_decay=0.0)
-    optim.Adam(_params(), lr=0.0, beta1=0.0, beta2=0.0, eps=1e-30)
+def test_boundary_hyperparameters_are_accepted_and_a_zero_rate_leaves_parameters_alone():
+    for opt, expected in ((optim.SGD(_params(), lr=0.0, momentum=0.0, weight_decay=0.0),
+                           {"lr": 0.0, "momentum": 0.0, "weight_decay": 0.0}),
+                          (optim.Adam(_params(), lr=0.0, beta1=0.0, beta2=0.0, eps=1e-30),
+                           {"lr": 0.0, "beta1": 0.0, "beta2": 0.0, "eps": 1e-30, "weight_decay": 0.0})):
+        assert opt.hyperparameters() == expected
+        before = [p.data.copy() for p in opt.params]
+        for p in opt.params:
+            p.grad = np.ones_like(p.data)
+        opt.step()
+        assert all(np.array_equal(p.data, b) for p, b in zip(opt.params, before))
 
 
 def test_empty_parameter_list_raises_value_error():

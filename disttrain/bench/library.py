@@ -96,7 +96,7 @@ class DisttrainSystem:
         if self.ranks == 1 or not getattr(self.comm, "is_mpi", False):
             return None
         from .collectives import raw_mpi_collectives
-        return raw_mpi_collectives(self.comm.comm, self.ddp.layout.padded_total)
+        return raw_mpi_collectives(self.comm, self.ddp.layout.padded_total)
 
     def describe(self) -> dict:
         info = {"communicator": type(self.comm).__name__, "optimizer_backend": optimizer_backend()}

@@ -3,7 +3,7 @@ PyTorch's fused and foreach Adam, over the same number of float32 elements, on o
 
 Each implementation updates its own parameter, gradient and two moment arrays; the four are timed in
 turn, round after round, so machine noise falls on all alike. Reported: the median seconds of one
-update and the ratio to torch's fused Adam (the issue's target: disttrain within 1.5x of it).
+update and the ratio to torch's fused Adam (the target: disttrain within 1.5x of it).
 """
 
 from __future__ import annotations

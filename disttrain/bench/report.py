@@ -39,7 +39,7 @@ import time
 from . import SYSTEMS
 
 CATEGORIES = ("forward", "backward", "comm", "wait", "optimizer", "other")
-# the throughput targets: (system, ranks, baseline, ranks) -> minimum ratio
+# the throughput targets disttrain is held to: (system, ranks, baseline, ranks) -> minimum ratio
 TARGETS = {
     "default": {("disttrain-zero1", 2, "numpy", 2): 0.90, ("disttrain-zero1", 1, "numpy", 1): 0.90,
                 ("disttrain-plain", 1, "numpy", 1): 0.90, ("disttrain-zero1", 2, "torch-ddp", 2): 1.15,

@@ -21,6 +21,7 @@ import tempfile
 import time
 
 from . import SYSTEMS, report
+from ..threads import cores_available
 from .torch_ddp import torch_available
 from .workload import PRESETS, Workload
 
@@ -136,13 +137,6 @@ def source_version() -> str | None:
     return commit.stdout.strip() + ("-dirty" if dirty.stdout.strip() else "")
 
 
-def available_cores() -> int:
-    """CPUs this process may run on (its affinity mask), else the machine's count."""
-    if hasattr(os, "sched_getaffinity"):
-        return len(os.sched_getaffinity(0))
-    return os.cpu_count() or 1
-
-
 def free_port() -> int:
     with socket.socket() as probe:
         probe.bind(("127.0.0.1", 0))
@@ -201,7 +195,7 @@ def main(argv=None) -> int:
         raise SystemExit(f"--ranks must be comma-separated integers, got {args.ranks!r}") from None
     if not rank_counts or min(rank_counts) < 1:
         raise SystemExit("--ranks needs positive rank counts")
-    cores = args.cores or available_cores()
+    cores = args.cores or cores_available()
     torch_ok = torch_available() and not args.no_torch
     torch_note = None
     if any(SYSTEMS[n].needs_torch for n in names) and not torch_ok:

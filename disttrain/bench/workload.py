@@ -13,7 +13,7 @@ from dataclasses import asdict, dataclass
 
 import numpy as np
 
-# name -> (layers, global batch): the two recipes
+# name -> (layers, global batch): the benchmark's recipes
 PRESETS = {
     "default": ((784, 1024, 1024, 10), 512),
     "small": ((784, 256, 10), 128),  # the Fashion-MNIST-shaped MLP of the small-model regime

@@ -3,7 +3,9 @@
 Importing this package does not import mpi4py; `init()` does, on first call.
 """
 
-from .comm import Communicator, LaunchError, MPIComm, SingleProcessComm, init, install_abort_hook
+from .comm import Communicator, SingleProcessComm
+from .launch import LaunchError, init, install_abort_hook
+from .mpi import MPIComm
 from .flat import FlatLayout, FlatParameters
 from .parallel import STRATEGIES, DataParallel, ModelMismatchError, check_same_model
 from .zero import ShardedOptimizer

@@ -2,7 +2,7 @@
 leader per node, then share within each node again, so that each node's network link carries the
 minimum: one node's share, not one share per rank on the node.
 
-Built from two sub-communicators of an MPIComm (comm.py holds the MPI calls): `node`, the ranks that
+Built from two sub-communicators of an MPIComm (mpi.py holds the MPI calls): `node`, the ranks that
 share a node's memory (MPI's COMM_TYPE_SHARED split), and `leaders`, the lowest rank of each node.
 
 Opt-in (optimizer.hierarchical): measured on 2 fake hosts x 2 ranks with 1 Gbit/s links (docs/scaling.json),
@@ -15,7 +15,8 @@ from __future__ import annotations
 
 import numpy as np
 
-from .comm import Communicator, MPIComm, _check_buffer, _check_op
+from .comm import Communicator, _check_buffer, _check_op
+from .mpi import MPIComm
 
 
 class HierarchicalComm(Communicator):

@@ -15,7 +15,7 @@ from __future__ import annotations
 
 from ..tensor import Tensor
 from .arithmetic import add, div, linear, matmul, mul, neg, power, sub
-from .images import _pair_arg, conv2d, max_pool2d
+from .images import conv2d, max_pool2d
 from .losses import cross_entropy, mse_loss
 from .node import as_tensor, unbroadcast
 from .pointwise import exp, gelu, log, log_softmax, relu, sigmoid, softmax, sqrt, tanh, where
@@ -25,7 +25,7 @@ from .shaping import broadcast_to, concatenate, getitem, permute, reshape, stack
 __all__ = ["add", "sub", "mul", "div", "neg", "power", "matmul", "linear", "sum", "mean", "max", "logsumexp",
            "reshape", "permute", "transpose", "broadcast_to", "getitem", "concatenate", "stack", "exp", "log",
            "sqrt", "relu", "tanh", "sigmoid", "gelu", "softmax", "log_softmax", "where", "conv2d", "max_pool2d",
-           "cross_entropy", "mse_loss", "as_tensor", "unbroadcast", "_pair_arg"]
+           "cross_entropy", "mse_loss", "as_tensor", "unbroadcast"]
 
 
 # ------------------------------------------------------------------------------- Tensor's interface

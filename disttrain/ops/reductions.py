@@ -24,7 +24,8 @@ def _axes(axis, ndim: int, axes=None) -> tuple:
     return tuple(sorted(ax % builtins.max(ndim, 1) for ax in axes))
 
 
-def _expand_reduced(g: np.ndarray, shape: tuple, axes: tuple, keepdims: bool) -> np.ndarray:
+def _expand_reduced(g: np.ndarray, axes: tuple, keepdims: bool) -> np.ndarray:
+    """A reduction's output gradient with the reduced `axes` put back as size-1 axes (if they were dropped)."""
     if not keepdims:
         g = np.expand_dims(g, axes) if axes else g
     return g
@@ -36,7 +37,7 @@ def sum(a: Tensor, axis=None, keepdims: bool = False, *, axes=None) -> Tensor:  
     data = np.sum(a.data, axis=axes, keepdims=keepdims)
 
     def backward(g):
-        return (np.broadcast_to(_expand_reduced(g, a.shape, axes, keepdims), a.shape),)
+        return (np.broadcast_to(_expand_reduced(g, axes, keepdims), a.shape),)
     return _result(np.asarray(data), (a,), backward)
 
 
@@ -54,7 +55,7 @@ def mean(a: Tensor, axis=None, keepdims: bool = False, *, axes=None) -> Tensor:
     data = np.asarray(np.sum(source, axis=axes, keepdims=keepdims) * scale)
 
     def backward(g):
-        return (np.broadcast_to(_expand_reduced(g * scale, a.shape, axes, keepdims), a.shape),)
+        return (np.broadcast_to(_expand_reduced(g * scale, axes, keepdims), a.shape),)
     return _result(data, (a,), backward)
 
 
@@ -70,7 +71,7 @@ def max(a: Tensor, axis=None, keepdims: bool = False, *, axes=None) -> Tensor:  
     def backward(g):
         mask = (a.data == kept)
         ties = mask.sum(axis=axes, keepdims=True).astype(a.dtype)
-        return (mask * (_expand_reduced(g, a.shape, axes, keepdims) / ties),)
+        return (mask * (_expand_reduced(g, axes, keepdims) / ties),)
     return _result(np.asarray(data), (a,), backward)
 
 
@@ -83,5 +84,5 @@ def logsumexp(a: Tensor, axis=-1, keepdims: bool = False) -> Tensor:
     data = kept if keepdims else np.squeeze(kept, axis=axes)
 
     def backward(g):
-        return (np.exp(a.data - kept) * _expand_reduced(g, a.shape, axes, keepdims),)
+        return (np.exp(a.data - kept) * _expand_reduced(g, axes, keepdims),)
     return _result(np.asarray(data), (a,), backward)
