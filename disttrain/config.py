@@ -123,6 +123,8 @@ SCHEMA = {
                           "else allreduce)", choices=("auto", "reduce_scatter", "allreduce")),
         "bucket_mb": Field("float", 25.0, "largest gradient bucket per collective call, MB", low=0.0,
                            low_open=True),
+        "overlap": Field("bool", True, "combine each gradient bucket in a background thread as soon as backward "
+                         "has produced it (the same bits as false; needs MPI_THREAD_MULTIPLE)"),
         "hierarchical": Field("bool", False, "synchronise within each node over shared memory, across nodes "
                               "among one leader per node, then within the node again: each node's link "
                               "carries one share instead of one per rank (several ranks per node, slow network)"),

@@ -96,6 +96,8 @@ def run_banner(parts, opt_cfg: dict, train_cfg: dict, train_size: int, test_size
     mode = f"ZeRO-1 {parts.ddp.strategy}" if opt_cfg["sharded"] else "replicated (allreduce)"
     if type(parts.comm).__name__ == "HierarchicalComm":
         mode += ", hierarchical (node, leaders, node)"
+    if parts.ddp.overlap:
+        mode += ", overlapped with backward"
     return [f"disttrain: world {parts.comm.size} ({topology['nodes']} node(s) x {topology['local_size']} ranks on "
             f"this node), {parts.threads} BLAS thread(s) per rank ({parts.threads_reason})",
             f"model: {parts.ddp.layout.total:,} parameters; optimizer {opt_cfg['name']} lr {opt_cfg['lr']:g}, {mode}",

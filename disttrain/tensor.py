@@ -19,6 +19,7 @@ import contextlib
 import numpy as np
 
 _grad_enabled = True
+_after_backward = []  # callbacks queued by hooks during the backward now running
 
 DEFAULT_FLOAT = np.float32
 
@@ -216,25 +217,38 @@ class Tensor:
                 if seed.shape != self.shape:
                     raise ValueError(f"out_grad shape {seed.shape} does not match tensor shape {self.shape}")
         grads = {id(self): seed}
-        for node in _reverse_topological(self):
-            grad = grads.pop(id(node), None)
-            if node._backward is None:  # a leaf: every contribution has arrived (reverse topological order)
-                if grad is not None:
-                    _accumulate_leaf(node, grad)
-                if node.grad_slot is not None and node.grad is not None:
-                    node.grad_slot.ready()
-                continue
-            if grad is None:
-                continue
-            for parent, parent_grad in zip(node._parents, node._backward(grad)):
-                if parent_grad is None or not parent.requires_grad:
+        _after_backward.clear()
+        try:
+            for node in _reverse_topological(self):
+                grad = grads.pop(id(node), None)
+                if node._backward is None:  # a leaf: every contribution has arrived (reverse topological order)
+                    if grad is not None:
+                        _accumulate_leaf(node, grad)
+                    if node.grad_slot is not None and node.grad is not None:
+                        node.grad_slot.ready()
                     continue
-                key = id(parent)
-                earlier = grads.get(key)
-                # never add in place: a backward may have returned a view of another gradient
-                grads[key] = parent_grad if earlier is None else earlier + parent_grad
+                if grad is None:
+                    continue
+                for parent, parent_grad in zip(node._parents, node._backward(grad)):
+                    if parent_grad is None or not parent.requires_grad:
+                        continue
+                    key = id(parent)
+                    earlier = grads.get(key)
+                    # never add in place: a backward may have returned a view of another gradient
+                    grads[key] = parent_grad if earlier is None else earlier + parent_grad
+            while _after_backward:
+                _after_backward.pop(0)()
+        finally:
+            _after_backward.clear()
 
     # Operators and methods are attached in ops/__init__.py.
+
+
+def queue_callback(callback) -> None:
+    """Run `callback()` once the backward now running has processed every node (for GradSlot hooks that
+    must finish something per backward). Callbacks run in the order queued; an exception in backward
+    drops them."""
+    _after_backward.append(callback)
 
 
 def _reverse_topological(root: Tensor) -> list:

@@ -38,8 +38,14 @@ class Communicator:
     rank = 0
     size = 1
     is_mpi = False
+    threads_ok = True  # a background thread may run collectives on a dup() of this communicator
     current_collective = None
     collective_since = 0.0
+
+    def dup(self) -> "Communicator":
+        """COLLECTIVE. A communicator over the same ranks whose collectives never match this one's, so
+        that another thread can run its own sequence of collectives on it."""
+        return self
 
     # --- collectives (all COLLECTIVE)
     def allreduce(self, buffer: np.ndarray, op: str = "sum") -> np.ndarray:

@@ -38,7 +38,7 @@ class HierarchicalComm(Communicator):
         if not isinstance(world, MPIComm):
             raise TypeError(f"HierarchicalComm wraps an MPIComm, got {type(world).__name__}")
         self.world = world
-        self.rank, self.size = world.rank, world.size
+        self.rank, self.size, self.threads_ok = world.rank, world.size, world.threads_ok
         self.node = world.split_shared()
         self.is_leader = self.node.rank == 0
         self.leaders = world.split(0 if self.is_leader else None)
@@ -94,6 +94,10 @@ class HierarchicalComm(Communicator):
                 self.leaders.allgather(buffer)
             self.node.broadcast(buffer, root=0)
         return buffer
+
+    def dup(self) -> "HierarchicalComm":
+        """COLLECTIVE. The same three-phase communicator over a duplicate of the world (see Communicator.dup)."""
+        return HierarchicalComm(self.world.dup())
 
     # --- everything else is the world's
     def broadcast(self, buffer, root=0):

@@ -10,6 +10,8 @@ import weakref
 import numpy as np
 
 from ..nn import Module
+from ..tensor import is_grad_enabled, queue_callback
+from .buckets import GradientBuckets
 from .comm import Communicator, digest48
 from .flat import FlatParameters
 
@@ -34,10 +36,16 @@ class DataParallel(Module):
     "allreduce" (every rank receives the whole summed gradient: any optimizer works), or "auto"
     (the default: reduce_scatter once a ShardedOptimizer with shard=True adopts it, else allreduce;
     see `strategy`). `bucket_mb` bounds one collective.
+
+    With `overlap` (the default), each bucket is combined in a background thread as soon as backward
+    has produced all its gradients (buckets.py), on a duplicate of `comm`; sync_gradients() then only
+    waits. The results are the same bits as with overlap=False. A forward under grad mode outside
+    no_sync() arms the next backward; call backward once per step (accumulate inside no_sync()).
+    Overlap is off in a world of one, and where MPI lacks MPI_THREAD_MULTIPLE (`overlap` says which).
     """
 
     def __init__(self, model, comm: Communicator, strategy: str = "auto",
-                 bucket_mb: float = DEFAULT_BUCKET_MB):
+                 bucket_mb: float = DEFAULT_BUCKET_MB, overlap: bool = True):
         if strategy not in STRATEGIES:
             raise ValueError(f"strategy must be one of {STRATEGIES}, got {strategy!r}")
         if not bucket_mb > 0:
@@ -52,12 +60,17 @@ class DataParallel(Module):
         self.layout = self.flat.layout
         self.owned_ranges = self.layout.owned_ranges(comm.rank)
         self.absent = []  # indices of parameters that had no gradient on any rank in the last sync
-        self.synced = False
+        self.synced = False  # combined and scaled (sync_gradients ran) since the last optimizer step
+        self.combined = False  # the collectives of this step are done (by the end of an armed backward)
         self._sync_enabled = True
         for param in self.flat.params:
             _owners[id(param)] = self
         comm.broadcast(self.flat.flat_params, root=0)
         self.broadcast_buffers()
+        self.overlap = bool(overlap) and comm.size > 1 and comm.threads_ok
+        self.bucket_comm = comm.dup() if comm.size > 1 else comm  # COLLECTIVE: bucket traffic only
+        self.buckets = GradientBuckets(self.flat, self._reduce_bucket, background=self.overlap,
+                                       on_first_launch=lambda: queue_callback(self._combine))
 
     @staticmethod
     def owning(params) -> "DataParallel | None":
@@ -104,6 +117,10 @@ class DataParallel(Module):
 
     # --- the model's face
     def forward(self, *args, **kwargs):
+        """The wrapped model's forward; under grad mode and outside no_sync() it also arms the coming
+        backward to combine buckets as they complete (with overlap)."""
+        if self._sync_enabled and is_grad_enabled() and not self.combined:
+            self.buckets.arm()
         return self.module(*args, **kwargs)
 
     def named_parameters(self, prefix: str = ""):
@@ -135,35 +152,61 @@ class DataParallel(Module):
             self._sync_enabled = previous
 
     def sync_gradients(self, grad_scale: float | None = None) -> None:
-        """COLLECTIVE. Combine this step's gradients across ranks.
+        """COLLECTIVE. Combine this step's gradients across ranks (waiting for the buckets that backward
+        already launched), then multiply the combined gradient by `grad_scale`.
 
-        Each rank first multiplies its gradients by `grad_scale` (default 1/size: the mean of equal
-        shares; pass local_count/global_count for uneven shares, or 1.0 when the backward seed already
-        carried that weight). "allreduce": `flat.flat_grads` then holds the sum on every rank.
-        "reduce_scatter": the sum of this rank's owned chunk of each bucket lands at the start of that
-        bucket in `flat.flat_grads` (see owned_grads()); the rest of the buffer is then scratch.
+        `grad_scale` defaults to 1/size (the mean of equal shares); pass local_count/global_count for
+        uneven shares, or 1.0 when the backward seed already carried that weight. With overlap, the
+        collectives already ran at the end of backward, and this only scales. "allreduce":
+        `flat.flat_grads` then holds the sum on every rank. "reduce_scatter": the sum of this rank's
+        owned chunk of each bucket lands at the start of that bucket in `flat.flat_grads` (see
+        owned_grads()); the rest of the buffer is then scratch. `absent` lists the parameters that had
+        no gradient on any rank (their combined gradient is zero; a sharded update skips them).
         """
         if not self._sync_enabled:
+            return
+        self._combine()
+        self.combined = self.buckets.sealed = False
+        scale = np.float32(1.0 / self.comm.size if grad_scale is None else grad_scale)
+        if scale != 1:
+            for grads in self.owned_grads() if self._scatters else [self.flat.flat_grads]:
+                grads *= scale
+        self.synced = True
+
+    def _combine(self) -> None:
+        """COLLECTIVE. The step's collectives, once: agree which parameters had a gradient anywhere,
+        then finish every bucket. Runs at the end of a backward that launched buckets (so that no
+        bucket is still in flight when backward returns), else at sync_gradients()."""
+        if self.combined:
             return
         self.flat.repair_views()
         present = np.array([p.grad is not None for p in self.flat.params], dtype=np.uint8)
         if self.comm.size > 1:
-            self.comm.allreduce(present, "max")
+            self.comm.allreduce(present, "max")  # on the world's communicator, beside the buckets' own
         self.absent = [i for i in np.flatnonzero(present == 0).tolist()]
-        self.flat.fill_missing_grads()
-        scale = 1.0 / self.comm.size if grad_scale is None else float(grad_scale)
-        flat_grads = self.flat.flat_grads
-        if scale != 1.0:
-            flat_grads *= np.float32(scale)
+        with self.comm._inside("gradient buckets"):
+            self.buckets.finish()
+        absent = set(self.absent)
+        for index, (param, slot) in enumerate(zip(self.flat.params, self.flat.slots)):
+            # reduce_scatter: outside this rank's chunks the buffer now holds scratch, not gradients;
+            # allreduce: every rank holds the combined gradient of each parameter some rank used
+            param.grad = None if self._scatters or index in absent else slot.buffer
+        self.combined = True
+        self.buckets.sealed = self.overlap  # until sync_gradients(), a further gradient is an error
+
+    def new_step(self) -> None:
+        """Forget this step's gradient combination (optimizers call it after their update or reset)."""
+        self.synced = self.combined = self.buckets.sealed = False
+
+    def _reduce_bucket(self, bucket: int) -> None:
+        """COLLECTIVE over bucket_comm: combine bucket `bucket` of flat_grads across ranks in place."""
+        if self.comm.size == 1:
+            return
+        lo, hi = self.layout.buckets[bucket]
         if self._scatters:
-            for lo, hi in self.layout.buckets:
-                self.comm.reduce_scatter(flat_grads[lo:hi])
-            for param in self.flat.params:
-                param.grad = None  # outside this rank's chunks the buffer now holds scratch, not gradients
-        elif self.comm.size > 1:
-            for lo, hi in self.layout.buckets:
-                self.comm.allreduce(flat_grads[lo:hi])
-        self.synced = True
+            self.bucket_comm.reduce_scatter(self.flat.flat_grads[lo:hi])
+        else:
+            self.bucket_comm.allreduce(self.flat.flat_grads[lo:hi])
 
     def owned_grads(self) -> list:
         """Views of the combined gradient of each owned range (valid after sync_gradients)."""
@@ -176,7 +219,7 @@ class DataParallel(Module):
     def gather_parameters(self) -> None:
         """COLLECTIVE. Every rank receives every rank's owned chunks into the flat parameter buffer."""
         for lo, hi in self.layout.buckets:
-            self.comm.allgather(self.flat.flat_params[lo:hi])
+            self.bucket_comm.allgather(self.flat.flat_params[lo:hi])
 
 
 def _named_parameters(model):

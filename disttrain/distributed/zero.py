@@ -139,7 +139,7 @@ class ShardedOptimizer:
         if self.shard and self.comm.size > 1:
             self.ddp.gather_parameters()
         self.last_update_seconds, self.last_gather_seconds = updated - started, time.perf_counter() - updated
-        self.ddp.synced = False
+        self.ddp.new_step()
 
     def _keep_views(self) -> None:
         """A wrapped optimizer that replaced `p.data` (p.data = p.data - ...) instead of updating it in
@@ -154,7 +154,7 @@ class ShardedOptimizer:
         for param in self.params:
             param.grad = None
         self.optimizer.reset_grad()
-        self.ddp.synced = False
+        self.ddp.new_step()
 
     zero_grad = reset_grad
 

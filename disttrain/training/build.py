@@ -103,7 +103,7 @@ def build_parts(model, train_data, comm, opt_cfg: dict, train_cfg: dict) -> RunP
     topology = comm.node_topology()
     threads, threads_reason = choose_threads(topology["local_size"], train_cfg["threads"])
     apply_threads(threads)
-    ddp = DataParallel(model, comm, resolve_strategy(opt_cfg), opt_cfg["bucket_mb"])
+    ddp = DataParallel(model, comm, resolve_strategy(opt_cfg), opt_cfg["bucket_mb"], overlap=opt_cfg["overlap"])
     optimizer = ShardedOptimizer(OPTIMIZERS[opt_cfg["name"]], ddp.parameters(), comm, shard=opt_cfg["sharded"],
                                  data_parallel=ddp, **hyperparameters(opt_cfg))
     nn.set_default_rng(np.random.default_rng((train_cfg["seed"], comm.rank)))
