@@ -97,16 +97,21 @@ def test_parameter_without_gradient_on_one_rank_takes_part_as_zeros(comm):
             return (self.head_b if use_b else self.head_a)(self.body(x).relu())
 
     dt.manual_seed(1)
-    ddp = DataParallel(TwoHeads(), comm, strategy="allreduce")
+    ddp = DataParallel(TwoHeads(), comm, strategy="allreduce", overlap=False)  # local gradients until the sync
     x, y = _batch(4)
     loss = dt.nn.SoftmaxLoss()(ddp(dt.Tensor(x), comm.rank == 0), y)
     loss.backward()
+    local_head_b = ddp.module.head_b.weight.grad
+    assert (local_head_b is None) == (comm.rank != 0)  # only rank 0 used head_b
+    rank0_first = float(local_head_b.reshape(-1)[0]) if comm.rank == 0 else 0.0
     ddp.sync_gradients()
     head_b = ddp.module.head_b.weight
-    assert (head_b.grad is None) == (comm.rank != 0)
-    # rank 0's head_b gradient, averaged with zeros from the other ranks
-    summed = ddp.flat.flat_grads[[offset for name, offset, _ in ddp.layout.entries if name == "head_b.weight"][0]]
-    local = np.zeros(1, np.float32) if comm.rank else head_b.grad.reshape(-1)[:1] * comm.size
+    # rank 0's head_b gradient, averaged with zeros from the other ranks; after the sync every rank
+    # holds that combined gradient (a replicated optimizer must update head_b on every rank alike)
+    offset = [offset for name, offset, _ in ddp.layout.entries if name == "head_b.weight"][0]
+    summed = ddp.flat.flat_grads[offset]
+    assert head_b.grad is not None and head_b.grad.reshape(-1)[0] == summed
+    local = np.zeros(1, np.float32) if comm.rank else np.array([rank0_first], np.float32)
     comm.allreduce(local)
     np.testing.assert_allclose(summed, local[0] / comm.size, rtol=1e-6)
 
