@@ -23,7 +23,8 @@ class ConfigError(ValueError):
 
 
 class Field:
-    """One config key: its kind ("int", "float", "bool", "str", "ints", "table"), default, and rule.
+    """One config key: its kind ("int", "float", "bool", "bool_or_auto", "str", "ints", "table"),
+    default, and rule.
     `or_callable`: a "str" with choices also accepts 'module:callable' (any value holding a colon)."""
 
     def __init__(self, kind: str, default, help: str, low=None, high=None, choices=None,
@@ -36,7 +37,8 @@ class Field:
         if self.choices:
             names = [repr(c) for c in self.choices] + (["'module:callable'"] if self.or_callable else [])
             return "one of " + ", ".join(names[:-1]) + (", or " if self.or_callable else ", ") + names[-1]
-        parts = {"int": "an integer", "float": "a number", "bool": "true or false", "str": "a string",
+        parts = {"int": "an integer", "float": "a number", "bool": "true or false",
+                 "bool_or_auto": "true, false or \"auto\"", "str": "a string",
                  "ints": "a list of positive integers", "table": "a table"}[self.kind]
         if self.low is not None or self.high is not None:
             lo = "" if self.low is None else f"{'>' if self.low_open else '>='} {self.low}"
@@ -47,8 +49,8 @@ class Field:
     def check(self, key: str, value):
         def fail():
             raise ConfigError(f"config key {key} = {value!r} is not allowed: expected {self.allowed()}")
-        if self.kind == "bool":
-            if not isinstance(value, bool):
+        if self.kind in ("bool", "bool_or_auto"):
+            if not isinstance(value, bool) and not (self.kind == "bool_or_auto" and value == "auto"):
                 fail()
             return value
         if self.kind == "int":
@@ -125,9 +127,10 @@ SCHEMA = {
                            low_open=True),
         "overlap": Field("bool", True, "combine each gradient bucket in a background thread as soon as backward "
                          "has produced it (the same bits as false; needs MPI_THREAD_MULTIPLE)"),
-        "hierarchical": Field("bool", False, "synchronise within each node over shared memory, across nodes "
-                              "among one leader per node, then within the node again: each node's link "
-                              "carries one share instead of one per rank (several ranks per node, slow network)"),
+        "hierarchical": Field("bool_or_auto", "auto", "combine gradient buckets within each node over shared memory, "
+                              "across nodes among one leader per node, then within the node again, so that each "
+                              "node's link carries one share instead of one per rank; auto: when ranks span "
+                              "several nodes with more than one rank on a node"),
     },
     "training": {
         "epochs": Field("int", 10, "passes over the training data", low=1),

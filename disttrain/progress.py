@@ -94,7 +94,7 @@ def run_banner(parts, opt_cfg: dict, train_cfg: dict, train_size: int, test_size
     `parts` is the run's RunParts (training/build.py)."""
     topology = parts.topology
     mode = f"ZeRO-1 {parts.ddp.strategy}" if opt_cfg["sharded"] else "replicated (allreduce)"
-    if type(parts.comm).__name__ == "HierarchicalComm":
+    if parts.ddp.hierarchical:
         mode += ", hierarchical (node, leaders, node)"
     if parts.ddp.overlap:
         mode += ", overlapped with backward"

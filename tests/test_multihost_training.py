@@ -89,6 +89,8 @@ def test_two_hosts_of_two_ranks_train_like_one_process_and_the_gradients_cross_e
     after = fake_hosts.bytes_crossed()
 
     assert "world 4 (2 node(s) x 2 ranks on this node)" in job.stdout, job.stdout
+    # topology-aware by default: several nodes with two ranks each -> hierarchical bucket collectives
+    assert "hierarchical (node, leaders, node)" in job.stdout, job.stdout
     assert_same_training(tmp_path / "run", reference)
     # Per step each host's two ranks own half of the flat buffer (2 of 4 equal chunks): the reduce-scatter
     # must bring it the other host's partial sums of that half, the allgather the other half's new

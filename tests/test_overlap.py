@@ -103,3 +103,12 @@ def test_a_second_backward_without_no_sync_is_refused_with_the_fix(comm):
     with pytest.raises(LateGradientError, match=r"no_sync\(\)"):
         loss.backward()
     ddp.sync_gradients()
+
+
+def test_on_one_node_auto_topology_keeps_the_flat_collectives(comm):
+    dt.manual_seed(5)
+    assert comm.node_topology()["nodes"] == 1
+    assert DataParallel(Branchy(), comm).hierarchical is False
+    assert DataParallel(Branchy(), comm, hierarchical=True).hierarchical is True
+    with pytest.raises(ValueError, match="hierarchical must be True, False or 'auto'"):
+        DataParallel(Branchy(), comm, hierarchical="yes")

@@ -33,6 +33,7 @@ class HierarchicalComm(Communicator):
     """
 
     is_mpi = True
+    is_hierarchical = True
 
     def __init__(self, world: MPIComm):
         if not isinstance(world, MPIComm):

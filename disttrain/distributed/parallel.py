@@ -42,14 +42,21 @@ class DataParallel(Module):
     waits. The results are the same bits as with overlap=False. A forward under grad mode outside
     no_sync() arms the next backward; call backward once per step (accumulate inside no_sync()).
     Overlap is off in a world of one, and where MPI lacks MPI_THREAD_MULTIPLE (`overlap` says which).
+
+    `hierarchical` (True, False or "auto") runs the bucket collectives in three phases (within each
+    node, among one leader per node, within the node: hierarchical.py), so that each node's link
+    carries one share of the gradient, not one per rank; "auto" chooses it when the ranks span several
+    nodes and some node holds more than one rank (`hierarchical` says what was chosen).
     """
 
     def __init__(self, model, comm: Communicator, strategy: str = "auto",
-                 bucket_mb: float = DEFAULT_BUCKET_MB, overlap: bool = True):
+                 bucket_mb: float = DEFAULT_BUCKET_MB, overlap: bool = True, hierarchical="auto"):
         if strategy not in STRATEGIES:
             raise ValueError(f"strategy must be one of {STRATEGIES}, got {strategy!r}")
         if not bucket_mb > 0:
             raise ValueError(f"bucket_mb must be > 0, got {bucket_mb!r}")
+        if hierarchical not in (True, False, "auto"):
+            raise ValueError(f"hierarchical must be True, False or 'auto', got {hierarchical!r}")
         self.module = model
         self.comm = comm
         self.requested_strategy = strategy
@@ -68,7 +75,8 @@ class DataParallel(Module):
         comm.broadcast(self.flat.flat_params, root=0)
         self.broadcast_buffers()
         self.overlap = bool(overlap) and comm.size > 1 and comm.threads_ok
-        self.bucket_comm = comm.dup() if comm.size > 1 else comm  # COLLECTIVE: bucket traffic only
+        self.bucket_comm = _bucket_comm(comm, hierarchical)  # COLLECTIVE: bucket traffic only
+        self.hierarchical = self.bucket_comm is not comm and getattr(self.bucket_comm, "is_hierarchical", False)
         self.buckets = GradientBuckets(self.flat, self._reduce_bucket, background=self.overlap,
                                        on_first_launch=lambda: queue_callback(self._combine))
 
@@ -220,6 +228,23 @@ class DataParallel(Module):
         """COLLECTIVE. Every rank receives every rank's owned chunks into the flat parameter buffer."""
         for lo, hi in self.layout.buckets:
             self.bucket_comm.allgather(self.flat.flat_params[lo:hi])
+
+
+def _bucket_comm(comm: Communicator, hierarchical) -> Communicator:
+    """COLLECTIVE. The communicator for bucket traffic: a duplicate of `comm` (so that a background thread
+    never interleaves with the main thread's collectives), hierarchical where asked or where "auto" finds
+    several nodes with more than one rank on one of them."""
+    if comm.size == 1:
+        return comm
+    if hierarchical == "auto" and comm.is_mpi and not getattr(comm, "is_hierarchical", False):
+        topology = comm.node_topology()
+        most_on_a_node = comm.allreduce(np.array([topology["local_size"]], np.float64), "max")[0]
+        hierarchical = bool(topology["nodes"] > 1 and most_on_a_node > 1)
+    if hierarchical is True and comm.is_mpi and not getattr(comm, "is_hierarchical", False):
+        from .hierarchical import HierarchicalComm
+
+        return HierarchicalComm(comm.dup())
+    return comm.dup()
 
 
 def _named_parameters(model):

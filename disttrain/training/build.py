@@ -1,6 +1,6 @@
 """Building a run: from a config to a model, data and loss (`build_run`), and from the [optimizer] and
-[training] sections to the machinery that trains it (`build_parts`): the communicator (hierarchical
-if asked), BLAS threads, DataParallel, ShardedOptimizer, sampler and schedule. Strategy "auto" is
+[training] sections to the machinery that trains it (`build_parts`): BLAS threads, DataParallel
+(overlap, hierarchical bucket collectives), ShardedOptimizer, sampler and schedule. Strategy "auto" is
 resolved here, once; config.check_consistency only checks."""
 
 from __future__ import annotations
@@ -12,8 +12,7 @@ import numpy as np
 from .. import nn
 from ..config import ConfigError
 from ..data import DistributedSampler
-from ..distributed import DataParallel, MPIComm, ShardedOptimizer
-from ..distributed.hierarchical import HierarchicalComm
+from ..distributed import DataParallel, ShardedOptimizer
 from ..optim import SGD, Adam, AdamW, ConstantLR, CosineLR, StepLR
 from ..threads import apply_threads, choose_threads
 
@@ -73,7 +72,7 @@ def check_model_fits(model, dataset, info: dict, loss_fn=None) -> None:
 
 @dataclasses.dataclass
 class RunParts:
-    """What trains a model: `comm` (the world's, or hierarchical around it), `topology` (nodes, ranks
+    """What trains a model: `comm` (the world's communicator), `topology` (nodes, ranks
     per node), `threads` and `threads_reason`, the DataParallel `ddp`, the ShardedOptimizer
     `optimizer`, the `scheduler`, the `sampler`, `steps_per_epoch` and `total_steps`."""
 
@@ -93,8 +92,6 @@ def build_parts(model, train_data, comm, opt_cfg: dict, train_cfg: dict) -> RunP
     """COLLECTIVE. The RunParts for `model` on `train_data` from validated [optimizer] and [training]
     sections. Sets process-wide state: BLAS threads and nn's default RNG (seeded per rank, so dropout
     masks differ across ranks). Raises ConfigError when the global batch is smaller than the world."""
-    if opt_cfg["hierarchical"] and isinstance(comm, MPIComm) and comm.size > 1:
-        comm = HierarchicalComm(comm)  # COLLECTIVE: splits the world into nodes and node leaders
     if train_cfg["batch_size"] < comm.size:
         raise ConfigError(f"training.batch_size = {train_cfg['batch_size']} is smaller than the world size "
                           f"{comm.size}: every rank needs at least one sample per global batch")
@@ -103,7 +100,8 @@ def build_parts(model, train_data, comm, opt_cfg: dict, train_cfg: dict) -> RunP
     topology = comm.node_topology()
     threads, threads_reason = choose_threads(topology["local_size"], train_cfg["threads"])
     apply_threads(threads)
-    ddp = DataParallel(model, comm, resolve_strategy(opt_cfg), opt_cfg["bucket_mb"], overlap=opt_cfg["overlap"])
+    ddp = DataParallel(model, comm, resolve_strategy(opt_cfg), opt_cfg["bucket_mb"], overlap=opt_cfg["overlap"],
+                       hierarchical=opt_cfg["hierarchical"])
     optimizer = ShardedOptimizer(OPTIMIZERS[opt_cfg["name"]], ddp.parameters(), comm, shard=opt_cfg["sharded"],
                                  data_parallel=ddp, **hyperparameters(opt_cfg))
     nn.set_default_rng(np.random.default_rng((train_cfg["seed"], comm.rank)))
