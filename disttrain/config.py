@@ -123,7 +123,7 @@ SCHEMA = {
         "sharded": Field("bool", True, "ZeRO-1: each rank keeps only its share of optimizer state"),
         "strategy": Field("str", "auto", "gradient combination (auto: reduce_scatter when sharded, "
                           "else allreduce)", choices=("auto", "reduce_scatter", "allreduce")),
-        "bucket_mb": Field("float", 25.0, "largest gradient bucket per collective call, MB", low=0.0,
+        "bucket_mb": Field("float", 4.0, "largest gradient bucket per collective call, MB", low=0.0,
                            low_open=True),
         "overlap": Field("bool", True, "combine each gradient bucket in a background thread as soon as backward "
                          "has produced it (the same bits as false; needs MPI_THREAD_MULTIPLE)"),

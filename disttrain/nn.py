@@ -61,9 +61,17 @@ class Module:
 
     training = True
     buffer_names: tuple = ()
+    _pre_forward_hooks: tuple = ()
 
     def __call__(self, *args, **kwargs):
+        for hook in self._pre_forward_hooks:
+            hook(self)
         return self.forward(*args, **kwargs)
+
+    def register_pre_forward_hook(self, hook) -> None:
+        """Call `hook(module)` before every forward of this module (e.g. to wait until its parameters
+        have arrived from other ranks)."""
+        self._pre_forward_hooks = (*self._pre_forward_hooks, hook)
 
     def forward(self, *args, **kwargs):
         raise NotImplementedError(f"{type(self).__name__} must define forward()")

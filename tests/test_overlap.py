@@ -112,3 +112,30 @@ def test_on_one_node_auto_topology_keeps_the_flat_collectives(comm):
     assert DataParallel(Branchy(), comm, hierarchical=True).hierarchical is True
     with pytest.raises(ValueError, match="hierarchical must be True, False or 'auto'"):
         DataParallel(Branchy(), comm, hierarchical="yes")
+
+
+def _lazy_run(comm, lazy, steps=4):
+    dt.manual_seed(9)
+    ddp = DataParallel(Branchy(), comm, bucket_mb=SMALL_BUCKET_MB)
+    opt = ShardedOptimizer(Adam, ddp.parameters(), comm, lr=0.02, lazy_gather=lazy)
+    loss_fn, losses = dt.nn.SoftmaxLoss(), []
+    for step in range(steps):
+        rng = np.random.default_rng(50 + step)
+        x = rng.standard_normal((6 * comm.size, 9)).astype(np.float32)
+        y = rng.integers(0, 5, len(x))
+        lo, hi = split_evenly(len(x), comm.size, comm.rank)
+        loss = loss_fn(ddp(dt.Tensor(x[lo:hi])), y[lo:hi])
+        loss.backward(np.float32((hi - lo) / len(x)))
+        losses.append(float(loss.data))
+        opt.step()
+        opt.reset_grad()
+        if lazy and step == 0:
+            assert ddp.gathering.pending  # the allgathers were left running
+    ddp.wait_for_parameters()
+    return ddp.flat.flat_params.copy(), losses
+
+
+def test_lazy_parameter_gathering_gives_the_same_bits_and_losses(comm):
+    eager, eager_losses = _lazy_run(comm, lazy=False)
+    lazy, lazy_losses = _lazy_run(comm, lazy=True)
+    assert np.array_equal(eager, lazy) and eager_losses == lazy_losses

@@ -2,29 +2,23 @@
 (upper-case) calls. This is the one module of disttrain that imports mpi4py, and only when an MPIComm
 is made (never at import).
 
-Every buffer collective is started non-blocking and then completed: on the main thread by MPI_Wait,
-on any other thread (the background thread that combines gradients during backward) by polling
-MPI_Test with short sleeps, so that a rank waiting for the network leaves its core to the computation.
-Both threads therefore run the same MPI algorithm on the same data: the same bits either way.
+Every buffer collective is started non-blocking and completed with MPI_Wait, whichever thread calls
+it (the main thread, or the background thread that combines gradients during backward): the same MPI
+algorithm on the same data, so the same bits either way. Measured on 2 fake hosts with 1 Gbit/s
+links (MLP 784-1024-1024-10, batch 512, 2 buckets): a step took 89-90 ms with MPI_Wait in the
+background thread, 161-176 ms when that thread instead polled MPI_Test with sleeps of up to 1 ms, and
+98 ms without overlap.
 """
 
 from __future__ import annotations
 
 import socket
 import sys
-import threading
 import time
 
 import numpy as np
 
 from .comm import Communicator, _check_buffer, _check_op
-
-
-# polling a request from a background thread: spin this long first (short collectives), then sleep
-# between tests, doubling up to the longest sleep (measured on 1 Gbit/s links: a 1 ms cap costs the
-# computing main thread ~9% instead of ~25% at 0.2 ms, and delays the collective by under 1 ms)
-SPIN_SECONDS = 50e-6
-LONGEST_SLEEP_SECONDS = 1e-3
 
 
 class MPIComm(Communicator):
@@ -52,15 +46,8 @@ class MPIComm(Communicator):
         return MPIComm(self.comm.Dup())
 
     def _complete(self, request) -> None:
-        """Wait for `request`: MPI_Wait on the main thread, polite polling elsewhere (module docstring)."""
-        if threading.current_thread() is threading.main_thread():
-            request.Wait()
-            return
-        started, pause = time.perf_counter(), SPIN_SECONDS / 4
-        while not request.Test():
-            if time.perf_counter() - started > SPIN_SECONDS:
-                time.sleep(pause)
-                pause = min(pause * 2, LONGEST_SLEEP_SECONDS)
+        """Wait for `request` (MPI_Wait releases the GIL: another thread computes meanwhile)."""
+        request.Wait()
 
     def allreduce(self, buffer, op="sum"):
         _check_buffer("allreduce", buffer)

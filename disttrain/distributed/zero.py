@@ -33,11 +33,14 @@ class ShardedOptimizer:
     name, start, stop, flat_lo, flat_hi) describes `shard_params[i]`, the Tensor the wrapped optimizer
     updates: elements [start, stop) of that parameter, at [flat_lo, flat_hi) of the flat buffer.
     `step()`, `reset_grad()`, `clip_grad_norm()` and `consolidate_state_dict()` are COLLECTIVE.
+    With `lazy_gather`, step() returns while the parameters' allgather is still running: each layer
+    of the next forward waits for its own (gathering.py); anything else must call
+    `ddp.wait_for_parameters()` before reading parameters.
     """
 
     def __init__(self, optimizer_class, params, comm: Communicator, *, shard: bool = True,
                  strategy: str | None = None, bucket_mb: float = DEFAULT_BUCKET_MB,
-                 data_parallel: DataParallel | None = None, **hyperparameters):
+                 data_parallel: DataParallel | None = None, lazy_gather: bool = False, **hyperparameters):
         if not (isinstance(optimizer_class, type) and issubclass(optimizer_class, Optimizer)):
             raise TypeError(f"optimizer_class must be a subclass of disttrain.optim.Optimizer, got {optimizer_class!r}")
         params = list(params)
@@ -60,6 +63,7 @@ class ShardedOptimizer:
             self._views = [flat_params[layout.padded_total:]]
         self.shard_params = [Tensor.wrap(view, requires_grad=True) for view in self._views]
         self.optimizer = optimizer_class(self.shard_params, **hyperparameters)
+        self.lazy_gather = bool(lazy_gather)
         self.last_update_seconds = self.last_gather_seconds = 0.0
 
     # --- what schedulers and trainers read
@@ -128,6 +132,7 @@ class ShardedOptimizer:
     def step(self) -> None:
         """COLLECTIVE. Combine gradients (unless done), update the owned pieces of every parameter that
         had a gradient on some rank, allgather the parameters."""
+        self.ddp.wait_for_parameters()
         self.sync()
         absent = set(self.ddp.absent)
         for tensor, segment, grad in zip(self.shard_params, self.segments, self.segment_grads()):
@@ -137,7 +142,7 @@ class ShardedOptimizer:
         self._keep_views()
         updated = time.perf_counter()
         if self.shard and self.comm.size > 1:
-            self.ddp.gather_parameters()
+            self.ddp.gather_parameters(lazy=self.lazy_gather)
         self.last_update_seconds, self.last_gather_seconds = updated - started, time.perf_counter() - updated
         self.ddp.new_step()
 

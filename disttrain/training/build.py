@@ -102,8 +102,10 @@ def build_parts(model, train_data, comm, opt_cfg: dict, train_cfg: dict) -> RunP
     apply_threads(threads)
     ddp = DataParallel(model, comm, resolve_strategy(opt_cfg), opt_cfg["bucket_mb"], overlap=opt_cfg["overlap"],
                        hierarchical=opt_cfg["hierarchical"])
+    # with overlap, the parameter allgather also runs on into the next forward (the loop waits before
+    # anything else reads parameters): measured 85 ms a step against 89 ms waiting at the end of step()
     optimizer = ShardedOptimizer(OPTIMIZERS[opt_cfg["name"]], ddp.parameters(), comm, shard=opt_cfg["sharded"],
-                                 data_parallel=ddp, **hyperparameters(opt_cfg))
+                                 data_parallel=ddp, lazy_gather=ddp.overlap, **hyperparameters(opt_cfg))
     nn.set_default_rng(np.random.default_rng((train_cfg["seed"], comm.rank)))
     sampler = DistributedSampler(len(train_data), comm.size, comm.rank, shuffle=train_cfg["shuffle"],
                                  seed=train_cfg["seed"])

@@ -21,6 +21,7 @@ def evaluate(ddp, dataset, loss_fn, comm, task: str, batch_size: int) -> dict:
     exactly once, no padding; (loss sum, correct, count) are summed across ranks. Rank 0's buffers
     (e.g. BatchNorm statistics) are the model's. A failure on any rank raises TrainingError on all.
     """
+    ddp.wait_for_parameters()
     ddp.broadcast_buffers()
     start, stop = split_evenly(len(dataset), comm.size, comm.rank)
     loss_sum = correct = count = 0.0
@@ -52,6 +53,7 @@ def evaluate(ddp, dataset, loss_fn, comm, task: str, batch_size: int) -> dict:
 def check_replicas(ddp, comm, step: int) -> None:
     """COLLECTIVE. Raise ReplicaMismatchError on every rank naming the first parameter whose bits
     differ across ranks (a CRC32 of each parameter, compared with comm.all_equal)."""
+    ddp.wait_for_parameters()
     checksums = [zlib.crc32(param.data.tobytes()) for _, param in ddp.named_parameters()]
     equal = comm.all_equal(checksums)
     if not equal.all():

@@ -122,6 +122,7 @@ class Trainer:
                 if self._save_due("end"):
                     self._save()
         finally:
+            self.ddp.wait_for_parameters()
             signals.restore(handlers)
             self.watchdog.close()
             if self.metrics is not None:

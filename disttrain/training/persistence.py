@@ -10,6 +10,7 @@ from .. import nn
 def save(directory: str, parts, state, config: dict, keep: int, fault=None) -> str:
     """COLLECTIVE. Checkpoint `state.step` of the run `parts` (RunParts) into `directory`, keeping the
     newest `keep`; returns its path. `fault(point)` is the fault-injection hook (tests only)."""
+    parts.ddp.wait_for_parameters()
     extra = {**state.state_dict(), "sampler": parts.sampler.state_dict(), "scheduler": parts.scheduler.state_dict(),
              "config": config, "rng_state": nn.default_rng().bit_generator.state}
     return ckpt.save(directory, state.step, parts.ddp, parts.optimizer, parts.comm, extra, keep=keep, fault=fault)
