@@ -1,8 +1,9 @@
-"""Publishing a checkpoint when the last step, the directory's rename, fails.
+"""The `latest` pointer: what it names when publishing fails at its last step, and that loading follows it.
 
 A checkpoint is written into `.partial-step-XXXXXXXX/`, renamed to `step-XXXXXXXX/`, and only then
-named by the `latest` pointer file: `latest` always names a complete checkpoint. These tests make the
-rename itself fail (the files and the manifest are written by then) and check what a reader sees.
+named by the `latest` pointer file: `latest` always names a complete checkpoint. The first tests make
+the rename itself fail (the files and the manifest are written by then) and check what a reader sees;
+the last checks that loading tries the checkpoint `latest` names before any other.
 """
 
 import contextlib
@@ -13,10 +14,9 @@ import re
 import numpy as np
 import pytest
 
-from disttrain import checkpoint as ckpt, nn
+from disttrain import Tensor, checkpoint as ckpt, nn
 from disttrain.distributed import DataParallel, ShardedOptimizer, SingleProcessComm
 from disttrain.optim import Adam
-from disttrain.tensor import Tensor
 
 STEP_DIR = re.compile(r"^step-\d{8,}$")
 
@@ -113,3 +113,24 @@ def test_after_a_failed_publish_rename_the_next_save_publishes_and_moves_latest(
     assert info["path"] == third and info["step"] == 3
     for name, value in _parameters(other_ddp).items():
         np.testing.assert_array_equal(value, at_step_3[name], err_msg=name)
+
+
+def test_load_follows_latest_even_when_a_newer_complete_checkpoint_exists(tmp_path):
+    # e.g. a job that died between renaming step 3 into place and moving `latest`, or a user who
+    # pointed `latest` back at step 2 by hand: `latest` is tried first, the rest newest first after it
+    directory = str(tmp_path)
+    ddp, optimizer, comm = _run(seed=0)
+    saved = {}
+    for step in (1, 2, 3):
+        _train_one_step(ddp, optimizer, seed=step)
+        saved[step] = (ckpt.save(directory, step, ddp, optimizer, comm), _parameters(ddp))
+    with open(os.path.join(directory, "latest"), "w") as handle:
+        handle.write("step-00000002\n")
+
+    assert ckpt.candidates(directory) == [saved[2][0], saved[3][0], saved[1][0]]
+    warnings = []
+    other_ddp, other_optimizer, other_comm = _run(seed=5)
+    info = ckpt.load(directory, other_ddp, other_optimizer, other_comm, warn=warnings.append)
+    assert info["step"] == 2 and info["path"] == saved[2][0] and warnings == []
+    for name, value in _parameters(other_ddp).items():
+        np.testing.assert_array_equal(value, saved[2][1][name], err_msg=name)

@@ -1,8 +1,8 @@
 """A NaN gradient under a finite loss: training must notice the gradient, not only the loss.
 
-The model computes head(sqrt(relu(x * scale))). Where a feature is exactly 0, sqrt(relu(0)) = 0 and
-every loss stays finite, but the chain rule meets d sqrt/dz = inf at 0 times relu's slope 0 there:
-the gradient of `scale` is NaN. The training data (not shuffled) holds one such sample, in global
+The model (tests/workers/sqrt_features.py) computes head(sqrt(relu(x * scale))). Where a feature is
+exactly 0, sqrt(relu(0)) = 0 and every loss stays finite, but the chain rule meets d sqrt/dz = inf at
+0 times relu's slope 0 there: the gradient of `scale` is NaN. The training data (not shuffled) holds one such sample, in global
 batch 3, so step 3 is the first and only step whose gradient is not finite. With
 training.on_nonfinite = "error" training must stop at step 3 with NonFiniteError (from the CLI: one
 clean error line naming step 3) before any parameter is touched; with "skip" the step is skipped
@@ -15,47 +15,27 @@ mpiexec (pytest-mpi at 2 and 3 ranks, and the CLI at 2 ranks), where only one ra
 
 import json
 import os
+import shutil
 import sys
 
 import numpy as np
 import pytest
 
 import launch
-from disttrain import nn
+from disttrain import Tensor, nn
 from disttrain.data import ArrayDataset, split_evenly
 from disttrain.distributed import SingleProcessComm, init
 from disttrain.trainer import NonFiniteError, fit
+
+MODEL_FILE = os.path.join(os.path.dirname(__file__), "workers", "sqrt_features.py")
+sys.path.insert(0, os.path.dirname(MODEL_FILE))
+from sqrt_features import SqrtFeatures  # noqa: E402
 
 FEATURES, CLASSES, SAMPLES, BATCH = 5, 3, 40, 8  # 5 steps per epoch
 NAN_STEP = 3
 NAN_ROW = (NAN_STEP - 1) * BATCH + 5  # position 5 of global batch 3: one rank's part on 2 and 3 ranks
 pytestmark = pytest.mark.filterwarnings("ignore:divide by zero:RuntimeWarning",
                                         "ignore:invalid value:RuntimeWarning")
-
-MODEL_SOURCE = '''
-import numpy as np
-
-from disttrain import nn
-
-
-class SqrtFeatures(nn.Module):
-    """head(sqrt(relu(x * scale))): finite for every input; the gradient of `scale` is NaN for a
-    sample with a feature exactly 0 (d sqrt/dz = inf there, times relu's slope 0)."""
-
-    def __init__(self, features, classes):
-        self.scale = nn.Parameter(np.ones(features, np.float32))
-        self.head = nn.Linear(features, classes)
-
-    def forward(self, x):
-        return self.head((x * self.scale).relu().sqrt())
-
-
-def build(input_shape, classes):
-    return SqrtFeatures(input_shape[0], classes)
-'''
-_namespace = {}
-exec(compile(MODEL_SOURCE, "sqrt_features", "exec"), _namespace)  # the CLI test imports the same source
-SqrtFeatures = _namespace["SqrtFeatures"]
 
 
 def _data():
@@ -103,7 +83,7 @@ def test_the_model_makes_a_nan_gradient_under_a_finite_loss_at_that_sample_only(
     model = SqrtFeatures(FEATURES, CLASSES)
     x, y = _data()
     for rows, nan_expected in ((slice(NAN_ROW - 5, NAN_ROW + 3), True), (slice(0, BATCH), False)):
-        loss = nn.SoftmaxLoss()(model(nn.Tensor(x[rows])), y[rows])
+        loss = nn.SoftmaxLoss()(model(Tensor(x[rows])), y[rows])
         loss.backward()
         assert np.isfinite(float(loss.data))
         assert bool(np.isnan(np.asarray(model.scale.grad)).any()) == nan_expected
@@ -187,7 +167,7 @@ def test_cli_on_two_ranks_stops_with_one_clean_error_naming_the_step(tmp_path):
     np.save(tmp_path / "y.npy", y)
     np.save(tmp_path / "x_test.npy", x[:8] + 1)
     np.save(tmp_path / "y_test.npy", y[:8])
-    (tmp_path / "sqrt_features.py").write_text(MODEL_SOURCE)
+    shutil.copy(MODEL_FILE, tmp_path / "sqrt_features.py")
     (tmp_path / "run.toml").write_text(f"""
 [model]
 name = "sqrt_features:build"
