@@ -30,6 +30,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import dataclasses
 import hashlib
 import json
 import os
@@ -72,6 +73,7 @@ class Mutation:
     tests: list = field(default_factory=list)
 
 
+WHOLE_SUITE = [serial("tests"), mpi(2, "tests"), mpi(3, "tests")]  # what `make test` runs
 PARALLEL, ZERO, FLAT = "disttrain/distributed/parallel.py", "disttrain/distributed/zero.py", "disttrain/distributed/flat.py"
 DIST_MPI, PARTIAL_MPI = "tests/test_distributed_mpi.py", "tests/test_partial_gradients_mpi.py"
 NONFINITE = "tests/test_nonfinite_gradients.py"
@@ -485,6 +487,10 @@ def main(argv=None) -> int:
                         "once in its file, run nothing")
     parser.add_argument("--timeout", type=float, default=300, help="seconds per test command (default 300)")
     parser.add_argument("--no-baseline", action="store_true", help="skip running the subsets on unmutated code")
+    parser.add_argument("--suite", action="store_true", help="run the whole of `make test` (serial, then "
+                        "MPI at 2 and 3 ranks, each stopping at its first failure) instead of each subset")
+    parser.add_argument("--pytest-arg", action="append", default=[], metavar="ARG",
+                        help="append ARG to every pytest command (repeatable), e.g. --pytest-arg=--ignore=tests/x.py")
     parser.add_argument("--json", help="also write the results to this file")
     args = parser.parse_args(argv)
 
@@ -498,6 +504,11 @@ def main(argv=None) -> int:
         print(f"unknown mutation ids {unknown}; --list shows them", file=sys.stderr)
         return 2
     chosen = [m for m in MUTATIONS if not args.ids or m.id in args.ids]
+    if args.suite:
+        chosen = [dataclasses.replace(m, tests=WHOLE_SUITE) for m in chosen]
+    if args.pytest_arg:
+        chosen = [dataclasses.replace(m, tests=[(kind, ranks, (*pytest_args, *args.pytest_arg))
+                                                for kind, ranks, pytest_args in m.tests]) for m in chosen]
     restore_leftovers()
     if args.list:
         for m in chosen:

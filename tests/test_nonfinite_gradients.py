@@ -47,17 +47,24 @@ def _data():
     return x, rng.integers(0, CLASSES, SAMPLES)
 
 
-def _train(run_dir, comm, on_nonfinite, max_steps=0):
-    """Train a fresh SqrtFeatures (seed 4) with Adam; returns (model, fit's summary)."""
+def _model():
     nn.manual_seed(4)
-    model = SqrtFeatures(FEATURES, CLASSES)
-    summary = fit(model, ArrayDataset(*_data()), nn.SoftmaxLoss(), comm=comm,
-                  optimizer={"name": "adam", "lr": 0.05},
-                  training={"epochs": 1, "batch_size": BATCH, "shuffle": False, "max_steps": max_steps,
-                            "on_nonfinite": on_nonfinite, "log_every": 1, "progress": "none",
-                            "run_dir": str(run_dir)},
-                  checkpoint={"every_epochs": 0, "every_steps": 0})
-    return model, summary
+    return SqrtFeatures(FEATURES, CLASSES)
+
+
+def _fit(model, run_dir, comm, on_nonfinite, max_steps=0) -> dict:
+    """Train `model` one epoch with Adam on the unshuffled data; returns fit's summary."""
+    return fit(model, ArrayDataset(*_data()), nn.SoftmaxLoss(), comm=comm, optimizer={"name": "adam", "lr": 0.05},
+               training={"epochs": 1, "batch_size": BATCH, "shuffle": False, "max_steps": max_steps,
+                         "on_nonfinite": on_nonfinite, "log_every": 1, "progress": "none",
+                         "run_dir": str(run_dir)},
+               checkpoint={"every_epochs": 0, "every_steps": 0})
+
+
+def _trained(run_dir, comm, on_nonfinite, max_steps=0):
+    """(a fresh model trained by _fit, the summary)."""
+    model = _model()
+    return model, _fit(model, run_dir, comm, on_nonfinite, max_steps)
 
 
 def _state(model):
@@ -79,8 +86,7 @@ def _train_losses(run_dir):
 # ---------------------------------------------------------------------------------- one process
 def test_the_model_makes_a_nan_gradient_under_a_finite_loss_at_that_sample_only():
     """The premise of the other tests, checked without the trainer."""
-    nn.manual_seed(4)
-    model = SqrtFeatures(FEATURES, CLASSES)
+    model = _model()
     x, y = _data()
     for rows, nan_expected in ((slice(NAN_ROW - 5, NAN_ROW + 3), True), (slice(0, BATCH), False)):
         loss = nn.SoftmaxLoss()(model(Tensor(x[rows])), y[rows])
@@ -92,38 +98,31 @@ def test_the_model_makes_a_nan_gradient_under_a_finite_loss_at_that_sample_only(
 
 
 def test_a_nan_gradient_under_a_finite_loss_stops_training_at_that_step(tmp_path):
-    after_step_2, _ = _train(tmp_path / "reference", SingleProcessComm(), "error", max_steps=NAN_STEP - 1)
-    nn.manual_seed(4)
     with pytest.raises(NonFiniteError, match=rf"\bstep {NAN_STEP}\b.*'scale'") as error:
-        _train(tmp_path / "run", SingleProcessComm(), "error")
+        _trained(tmp_path, SingleProcessComm(), "error")
     assert f"step {NAN_STEP + 1}" not in str(error.value)
-    losses = _train_losses(tmp_path / "run")
+    losses = _train_losses(tmp_path)
     assert sorted(losses) == list(range(1, NAN_STEP)) and all(np.isfinite(list(losses.values())))
 
 
 def test_a_nan_gradient_stop_leaves_the_parameters_as_after_the_step_before(tmp_path):
-    reference, _ = _train(tmp_path / "reference", SingleProcessComm(), "error", max_steps=NAN_STEP - 1)
-    nn.manual_seed(4)
-    model = SqrtFeatures(FEATURES, CLASSES)
+    reference, _ = _trained(tmp_path / "reference", SingleProcessComm(), "error", max_steps=NAN_STEP - 1)
+    model = _model()
     with pytest.raises(NonFiniteError):
-        fit(model, ArrayDataset(*_data()), nn.SoftmaxLoss(), comm=SingleProcessComm(),
-            optimizer={"name": "adam", "lr": 0.05},
-            training={"epochs": 1, "batch_size": BATCH, "shuffle": False, "progress": "none",
-                      "run_dir": str(tmp_path / "run")},
-            checkpoint={"every_epochs": 0})
+        _fit(model, tmp_path / "run", SingleProcessComm(), "error")
     _assert_finite_and_equal(_state(model), _state(reference))
 
 
 def test_a_nan_gradient_under_a_finite_loss_is_skipped_leaving_every_parameter_as_before(tmp_path):
-    reference, _ = _train(tmp_path / "reference", SingleProcessComm(), "skip", max_steps=NAN_STEP - 1)
-    skipped, summary = _train(tmp_path / "skipped", SingleProcessComm(), "skip", max_steps=NAN_STEP)
-    assert summary["steps"] == NAN_STEP and summary["skipped_steps"] == 1
+    reference, _ = _trained(tmp_path / "reference", SingleProcessComm(), "skip", max_steps=NAN_STEP - 1)
+    skipped, summary = _trained(tmp_path / "skipped", SingleProcessComm(), "skip", max_steps=NAN_STEP)
     _assert_finite_and_equal(_state(skipped), _state(reference))
+    assert summary["steps"] == NAN_STEP and summary["skipped_steps"] == 1
 
 
 def test_training_continues_after_a_skipped_nan_gradient_step_with_finite_parameters(tmp_path):
-    reference, _ = _train(tmp_path / "reference", SingleProcessComm(), "skip", max_steps=NAN_STEP - 1)
-    model, summary = _train(tmp_path / "run", SingleProcessComm(), "skip")
+    reference, _ = _trained(tmp_path / "reference", SingleProcessComm(), "skip", max_steps=NAN_STEP - 1)
+    model, summary = _trained(tmp_path / "run", SingleProcessComm(), "skip")
     assert summary["steps"] == SAMPLES // BATCH and summary["skipped_steps"] == 1
     state, before = _state(model), _state(reference)
     assert all(np.all(np.isfinite(value)) for value in state.values())
@@ -146,17 +145,20 @@ def test_a_nan_gradient_on_one_rank_stops_every_rank_at_that_step(mpi_run_dir):
     owner = [r for r in range(comm.size)
              if NAN_ROW - (NAN_STEP - 1) * BATCH in range(*split_evenly(BATCH, comm.size, r))]
     assert owner == [1]  # one rank (not rank 0) sees the zero feature
+    reference, _ = _trained(os.path.join(mpi_run_dir, "reference"), comm, "error", max_steps=NAN_STEP - 1)
+    model = _model()
     with pytest.raises(NonFiniteError, match=rf"\bstep {NAN_STEP}\b.*'scale'"):
-        _train(os.path.join(mpi_run_dir, "error"), comm, "error")
+        _fit(model, os.path.join(mpi_run_dir, "error"), comm, "error")
+    _assert_finite_and_equal(_state(model), _state(reference))
 
 
 @pytest.mark.mpi(min_size=2)
 def test_a_nan_gradient_on_one_rank_is_skipped_on_every_rank_leaving_the_parameters_as_before(mpi_run_dir):
     comm = init(abort_on_exception=False)
-    reference, _ = _train(os.path.join(mpi_run_dir, "reference"), comm, "skip", max_steps=NAN_STEP - 1)
-    skipped, summary = _train(os.path.join(mpi_run_dir, "skipped"), comm, "skip", max_steps=NAN_STEP)
-    assert summary["steps"] == NAN_STEP and summary["skipped_steps"] == 1
+    reference, _ = _trained(os.path.join(mpi_run_dir, "reference"), comm, "skip", max_steps=NAN_STEP - 1)
+    skipped, summary = _trained(os.path.join(mpi_run_dir, "skipped"), comm, "skip", max_steps=NAN_STEP)
     _assert_finite_and_equal(_state(skipped), _state(reference))
+    assert summary["steps"] == NAN_STEP and summary["skipped_steps"] == 1
     everyone = comm.allgather_object({name: value.tobytes() for name, value in _state(skipped).items()})
     assert all(state == everyone[0] for state in everyone), "replicas differ"
 
