@@ -1,0 +1,173 @@
+"""PowerSGD (Vogels, Karimireddy and Jaggi, NeurIPS 2019): each weight gradient M (n x m) travels as
+two thin factors, one power iteration per step, with warm start and error feedback.
+
+Per bucket, on every rank (w = this rank, r = the rank of the approximation):
+    M_w   = this rank's gradient + its error feedback E_w
+    P     = sum over ranks of M_w Q            (n x r; one allreduce, packed with the exact part)
+    P^    = P with orthonormal columns         (Gram-Schmidt, the same bits on every rank)
+    Q_w   = M_w^T P^;  E_w = M_w - P^ Q_w^T    (what the projection misses stays on this rank)
+    Q     = sum over ranks of Q_w              (m x r; the second allreduce)
+    M     = P^ Q^T                             = P^ P^^T (sum of M_w): the combined SUM, low rank
+Q is kept for the next step (warm start), starting from a seeded normal draw identical on every rank.
+Summed over ranks, what was sent plus the errors kept equals the sum of the gradients plus the errors
+carried in: nothing is lost, only delayed.
+
+Compressed: parameters with 2 or more dimensions (viewed as shape[0] x the rest) lying whole inside
+the bucket, where r (n + m) < n m. Everything else in the bucket (biases, a parameter that straddles
+buckets, padding) is summed exactly in float32 in the first allreduce. For the reduce-scatter
+contract this rank's chunk of the combined bucket is then copied to the bucket's start.
+
+The combined gradient is the same on every rank as long as the ranks' BLAS computes the same products
+bit for bit (the same library on the same kind of CPU); with reduce_scatter the parameters stay
+identical regardless, because each chunk's update is computed by its owner alone.
+"""
+
+from __future__ import annotations
+
+import zlib
+
+import numpy as np
+
+
+class _Matrix:
+    """One compressed parameter: `name`, flat `offset`, `rows` x `cols`, this rank's `error` (rows x
+    cols) and the warm-start `q` (rank x cols: Q transposed), float32."""
+
+    def __init__(self, name: str, offset: int, rows: int, cols: int, rank: int):
+        self.name, self.offset, self.rows, self.cols = name, offset, rows, cols
+        self.error = np.zeros((rows, cols), np.float32)
+        self.q = initial_q(name, rank, cols)
+
+
+def initial_q(name: str, rank: int, cols: int) -> np.ndarray:
+    """The starting Q^T (rank x cols, float32) of parameter `name`: a normal draw seeded by the name,
+    so it is the same on every rank and under any layout."""
+    return np.random.default_rng(zlib.crc32(name.encode())).standard_normal((rank, cols)).astype(np.float32)
+
+
+class _Bucket:
+    """What one bucket sends: its matrices, the flat ranges summed exactly, and the two packed
+    float32 buffers of the two allreduces ([P^T of each matrix | exact values] and [Q^T of each])."""
+
+    def __init__(self, matrices: list, exact: list, rank: int):
+        self.matrices, self.exact = matrices, exact
+        p_sizes = [rank * m.rows for m in matrices]
+        self.p_total = sum(p_sizes)
+        self.packed = np.zeros(self.p_total + sum(b - a for a, b in exact), np.float32)
+        self.packed_q = np.zeros(sum(rank * m.cols for m in matrices), np.float32)
+        self.p, self.q, p_at, q_at = [], [], 0, 0
+        for m in matrices:
+            self.p.append(self.packed[p_at:p_at + rank * m.rows].reshape(rank, m.rows))
+            self.q.append(self.packed_q[q_at:q_at + rank * m.cols].reshape(rank, m.cols))
+            p_at, q_at = p_at + rank * m.rows, q_at + rank * m.cols
+
+
+class PowerSGD:
+    """Rank-`rank` PowerSGD over the buckets of a FlatLayout (module docstring). `combine` follows the
+    bucket contract of compression.py; state is per rank: each matrix's error feedback and Q."""
+
+    method = "powersgd"
+
+    def __init__(self, layout, rank: int):
+        self.layout, self.rank = layout, rank
+        self.matrices = {}
+        self.buckets = [self._plan(lo, hi) for lo, hi in layout.buckets]
+
+    def _plan(self, lo: int, hi: int) -> _Bucket:
+        matrices, exact, at = [], [], lo
+        for name, offset, shape in self.layout.entries:
+            size = int(np.prod(shape, dtype=np.int64))
+            if not (lo <= offset and offset + size <= hi and len(shape) >= 2):
+                continue
+            rows, cols = shape[0], size // shape[0]
+            if self.rank * (rows + cols) >= rows * cols:
+                continue  # the factors would be no smaller than the matrix
+            matrices.append(_Matrix(name, offset, rows, cols, self.rank))
+            self.matrices[name] = matrices[-1]
+            if at < offset:
+                exact.append((at, offset))
+            at = offset + size
+        if at < hi:
+            exact.append((at, hi))
+        return _Bucket(matrices, exact, self.rank)
+
+    def combine(self, comm, flat_grads: np.ndarray, bucket: int, scatter: bool) -> None:
+        """COLLECTIVE over `comm` (two allreduces): the bucket contract, 2-D gradients as rank-r factors."""
+        plan = self.buckets[bucket]
+        grads = [flat_grads[m.offset:m.offset + m.rows * m.cols].reshape(m.rows, m.cols) for m in plan.matrices]
+        for m, grad, p in zip(plan.matrices, grads, plan.p):
+            grad += m.error
+            np.matmul(m.q, grad.T, out=p)  # P^T = Q^T M^T
+        at = plan.p_total
+        for a, b in plan.exact:
+            plan.packed[at:at + b - a] = flat_grads[a:b]
+            at += b - a
+        comm.allreduce(plan.packed)
+        for m, grad, p, q in zip(plan.matrices, grads, plan.p, plan.q):
+            orthonormalise_rows(p)
+            np.matmul(p, grad, out=q)  # this rank's Q^T = P^T M_w
+            np.matmul(p.T, q, out=m.error)
+            np.subtract(grad, m.error, out=m.error)  # E_w = M_w - P Q_w^T
+        comm.allreduce(plan.packed_q)
+        healthy = bool(np.isfinite(plan.packed[:plan.p_total]).all() and np.isfinite(plan.packed_q).all())
+        for m, grad, p, q in zip(plan.matrices, grads, plan.p, plan.q):
+            np.matmul(p.T, q, out=grad)  # the combined sum, P Q^T
+            if healthy:
+                keep = q.any(axis=1)  # a zero row would stay zero forever: keep the previous one
+                m.q[keep] = q[keep]
+            else:  # a non-finite gradient somewhere: the step will be skipped; start the feedback afresh
+                m.error.fill(0.0)
+        at = plan.p_total
+        for a, b in plan.exact:
+            flat_grads[a:b] = plan.packed[at:at + b - a]
+            at += b - a
+        if scatter and comm.rank > 0:
+            lo, hi = self.layout.buckets[bucket]
+            chunk = (hi - lo) // comm.size
+            flat_grads[lo:lo + chunk] = flat_grads[lo + comm.rank * chunk:lo + (comm.rank + 1) * chunk]
+
+    def state_dict(self) -> dict:
+        """{"method": "powersgd", "options": {"rank"}, "params": {name: {"error": rows x cols,
+        "q": rank x cols}}}: views of the live state (float32)."""
+        return {"method": self.method, "options": {"rank": self.rank},
+                "params": {name: {"error": m.error, "q": m.q} for name, m in self.matrices.items()}}
+
+    def load_state_dict(self, saved, rank: int, size: int) -> None:
+        """Restore from `saved` = {"method", "options", "world_size", "ranks": [per saved rank: {name:
+        {"error", "q"}}]} (arrays may load lazily), or None. Same world size: rank w takes rank w's
+        state. Another world size: Q from saved rank 0; rank 0 takes the sum over saved ranks of the
+        error feedback (what the combined gradient still owes), other ranks start at zero. A parameter
+        without saved state, a Q of another rank r, or state of another method start afresh."""
+        for m in self.matrices.values():
+            m.error.fill(0.0)
+            m.q[...] = initial_q(m.name, self.rank, m.cols)
+        if not saved or saved.get("method") != self.method:
+            return
+        ranks = saved["ranks"]
+        same_world = saved["world_size"] == size and len(ranks) == size
+        for name, m in self.matrices.items():
+            source = ranks[rank] if same_world else ranks[0]
+            if name in source and source[name]["q"].shape == m.q.shape:
+                m.q[...] = source[name]["q"]
+            if same_world and name in source:
+                m.error[...] = np.asarray(source[name]["error"]).reshape(m.error.shape)
+            elif not same_world and rank == 0:
+                for part in ranks:  # rank order
+                    if name in part:
+                        m.error += np.asarray(part[name]["error"], np.float32).reshape(m.error.shape)
+
+
+def orthonormalise_rows(p: np.ndarray) -> None:
+    """In place, modified Gram-Schmidt over the rows of p (float32, r x n): orthonormal rows spanning
+    what p's rows span (a zero row stays zero; a non-finite one stays non-finite)."""
+    for i in range(p.shape[0]):
+        row = p[i]
+        for j in range(i):
+            row -= np.dot(p[j], row) * p[j]
+        largest = float(np.abs(row).max()) if row.size else 0.0
+        if not largest > 0 or not np.isfinite(largest):
+            if largest == 0:
+                row.fill(0.0)
+            continue  # zero stays zero; NaN/inf stay, so that the step's gradient reports them
+        row /= np.float32(largest)  # first to order 1, so that the squares neither underflow nor overflow
+        row /= np.sqrt(np.dot(row, row))
