@@ -28,6 +28,8 @@ import zlib
 
 import numpy as np
 
+DEPENDENT = 1e-3  # a row of P that projection onto the rows before it shrinks below this is dependent
+
 
 class _Matrix:
     """One compressed parameter: `name`, flat `offset`, `rows` x `cols`, this rank's `error` (rows x
@@ -158,16 +160,22 @@ class PowerSGD:
 
 
 def orthonormalise_rows(p: np.ndarray) -> None:
-    """In place, modified Gram-Schmidt over the rows of p (float32, r x n): orthonormal rows spanning
-    what p's rows span (a zero row stays zero; a non-finite one stays non-finite)."""
+    """In place, Gram-Schmidt over the rows of p (float32, r x n): orthonormal rows spanning what p's
+    rows span. A row is projected off the rows before it twice (once leaves float32 rounding noise
+    that is far from orthogonal); a row that shrinks below DEPENDENT of its size doing so lay in their
+    span (a gradient of rank below r) and becomes zero. Zero rows stay zero, non-finite rows stay
+    non-finite (so that the step's gradient reports them)."""
     for i in range(p.shape[0]):
         row = p[i]
-        for j in range(i):
-            row -= np.dot(p[j], row) * p[j]
-        largest = float(np.abs(row).max()) if row.size else 0.0
-        if not largest > 0 or not np.isfinite(largest):
-            if largest == 0:
-                row.fill(0.0)
-            continue  # zero stays zero; NaN/inf stay, so that the step's gradient reports them
-        row /= np.float32(largest)  # first to order 1, so that the squares neither underflow nor overflow
+        before = float(np.abs(row).max()) if row.size else 0.0
+        if not (before > 0 and np.isfinite(before)):
+            continue
+        for _ in range(2):
+            for j in range(i):
+                row -= np.dot(p[j], row) * p[j]
+        after = float(np.abs(row).max())
+        if not after > DEPENDENT * before:
+            row.fill(0.0)
+            continue
+        row /= np.float32(after)  # first to order 1, so that the squares neither underflow nor overflow
         row /= np.sqrt(np.dot(row, row))
