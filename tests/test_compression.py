@@ -124,6 +124,44 @@ def test_powersgd_error_feedback_loses_nothing_of_the_gradient_sum(comm):
     assert all(q == everyone_q[0] for q in everyone_q)  # the warm start is the same on every rank
 
 
+def test_powersgd_after_a_non_finite_gradient_reports_it_and_starts_the_feedback_afresh(comm):
+    layout, compressor, rng = _powersgd_case(comm, 3)
+    bucket_comm = comm.dup()
+    flat = rng.standard_normal(layout.padded_total).astype(np.float32)
+    compressor.combine(bucket_comm, flat, 0, scatter=False)
+    q_before = {name: m.q.copy() for name, m in compressor.matrices.items()}
+    assert all(m.error.any() for m in compressor.matrices.values())
+    flat = rng.standard_normal(layout.padded_total).astype(np.float32)
+    if comm.rank == comm.size - 1:
+        _views(layout, flat)["w"][7, 3] = np.inf  # one element on one rank
+    with np.errstate(invalid="ignore", over="ignore"):
+        compressor.combine(bucket_comm, flat, 0, scatter=False)
+    assert not np.isfinite(_views(layout, flat)["w"]).all()  # the step's gradient shows it (and is skipped)
+    for name, m in compressor.matrices.items():
+        assert not m.error.any() and np.array_equal(m.q, q_before[name])  # nothing non-finite is carried on
+    flat = rng.standard_normal(layout.padded_total).astype(np.float32)
+    compressor.combine(bucket_comm, flat, 0, scatter=False)
+    assert np.isfinite(flat).all()
+
+
+@pytest.mark.parametrize("fmt", ["bf16", "fp16"])
+def test_16bit_compression_through_the_hierarchical_communicator_gives_the_same_bits(comm, fmt):
+    def train(hierarchical):
+        ddp = DataParallel(_model(), comm, strategy="allreduce", bucket_mb=SMALL_BUCKET_MB, compression=fmt,
+                           hierarchical=hierarchical)
+        assert ddp.hierarchical == hierarchical
+        opt = ShardedOptimizer(Adam, ddp.parameters(), comm, shard=False, data_parallel=ddp, lr=0.01)
+        for step in range(3):
+            x, y, total = _batch(comm, step)
+            dt.nn.SoftmaxLoss()(ddp(dt.Tensor(x)), y).backward(np.float32(len(x) / total))
+            ddp.sync_gradients(grad_scale=1.0)
+            opt.step()
+            opt.reset_grad()
+        return ddp.flat.flat_params.copy()
+    # alltoall is the world's either way; the 16-bit allgather runs in three phases, moving the same bits
+    assert np.array_equal(train(True), train(False))
+
+
 # ------------------------------------------------------------------------ training, every mode
 def _train(comm, compression, strategy, overlap, steps=6):
     ddp = DataParallel(_model(), comm, strategy=strategy, bucket_mb=SMALL_BUCKET_MB, overlap=overlap,

@@ -52,7 +52,8 @@ class DataParallel(Module):
     `compression` ("none", "bf16", "fp16" or "powersgd", with `powersgd_rank`) changes what each
     bucket's collective sends, not its contract (compression.py): 16-bit gradients summed in float32,
     or PowerSGD's rank-r factors of each whole 2-D gradient with error feedback. Parameters stay float32
-    and identical on every rank; `compressor` holds the per-rank state that checkpoints carry.
+    and identical on every rank (PowerSGD with allreduce: given the same BLAS kernels on every rank, see
+    powersgd.py); `compressor` holds the per-rank state that checkpoints carry.
     """
 
     def __init__(self, model, comm: Communicator, strategy: str = "auto",

@@ -17,6 +17,10 @@ the bucket, where r (n + m) < n m. Everything else in the bucket (biases, a para
 buckets, padding) is summed exactly in float32 in the first allreduce. For the reduce-scatter
 contract this rank's chunk of the combined bucket is then copied to the bucket's start.
 
+A parameter that had no gradient on any rank this step still sends its error feedback (the
+optimizer then skips it, and that part of the feedback is dropped). A non-finite gradient anywhere
+makes the combined gradient non-finite (the step is then skipped) and zeroes the error feedback.
+
 The combined gradient is the same on every rank as long as the ranks' BLAS computes the same products
 bit for bit (the same library on the same kind of CPU); with reduce_scatter the parameters stay
 identical regardless, because each chunk's update is computed by its owner alone.
