@@ -21,9 +21,10 @@ A parameter that had no gradient on any rank this step still sends its error fee
 optimizer then skips it, and that part of the feedback is dropped). A non-finite gradient anywhere
 makes the combined gradient non-finite (the step is then skipped) and zeroes the error feedback.
 
-The combined gradient is the same on every rank as long as the ranks' BLAS computes the same products
-bit for bit (the same library on the same kind of CPU); with reduce_scatter the parameters stay
-identical regardless, because each chunk's update is computed by its owner alone.
+The combined gradient is the same on every rank as long as the ranks' BLAS computes Gram-Schmidt's
+dot products bit for bit (the same library on the same kind of CPU): the sums come from allreduce and
+the reconstruction is elementwise (finish). With reduce_scatter the parameters stay identical
+regardless, because each chunk's update is computed by its owner alone.
 """
 
 from __future__ import annotations
