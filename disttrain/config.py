@@ -131,6 +131,11 @@ SCHEMA = {
                               "across nodes among one leader per node, then within the node again, so that each "
                               "node's link carries one share instead of one per rank; auto: when ranks span "
                               "several nodes with more than one rank on a node"),
+        "compression": Field("str", "none", "what gradient buckets send: exact float32 (none), 16-bit values "
+                             "summed in float32 (bf16, fp16), or PowerSGD's low-rank factors of each whole 2-D "
+                             "gradient with error feedback (powersgd); parameters stay float32",
+                             choices=("none", "bf16", "fp16", "powersgd")),
+        "powersgd_rank": Field("int", 4, "powersgd: rank of each gradient's approximation", low=1),
     },
     "training": {
         "epochs": Field("int", 10, "passes over the training data", low=1),

@@ -98,6 +98,9 @@ def run_banner(parts, opt_cfg: dict, train_cfg: dict, train_size: int, test_size
         mode += ", hierarchical (node, leaders, node)"
     if parts.ddp.overlap:
         mode += ", overlapped with backward"
+    if parts.ddp.compression != "none" and parts.comm.size > 1:  # a world of one sends nothing
+        rank = f" rank {opt_cfg['powersgd_rank']}" if parts.ddp.compression == "powersgd" else ""
+        mode += f", {parts.ddp.compression}{rank} compression"
     return [f"disttrain: world {parts.comm.size} ({topology['nodes']} node(s) x {topology['local_size']} ranks on "
             f"this node), {parts.threads} BLAS thread(s) per rank ({parts.threads_reason})",
             f"model: {parts.ddp.layout.total:,} parameters; optimizer {opt_cfg['name']} lr {opt_cfg['lr']:g}, {mode}",

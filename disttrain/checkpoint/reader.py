@@ -79,6 +79,27 @@ def _restore(path: str, manifest: dict, ddp, optimizer) -> None:
                 optimizer.load_state_dict(saved)
             except ValueError as error:
                 raise CheckpointError(f"{path}: {error}") from None
+    compressor = getattr(ddp, "compressor", None)
+    if compressor is not None:
+        with SegmentReader(path) as reader:
+            compressor.load_state_dict(saved_compression_state(manifest, reader), ddp.comm.rank, ddp.comm.size)
+
+
+def saved_compression_state(manifest: dict, reader: "SegmentReader") -> dict | None:
+    """The checkpoint's gradient-compression state in a compressor's load_state_dict form: {"method",
+    "options", "world_size", "ranks": [per saved rank: {param: {state: array, read on first access}}]};
+    None for a checkpoint written without compression."""
+    saved = manifest.get("compression")
+    if saved is None:
+        return None
+    ranks = []
+    for arrays in saved["ranks"]:
+        sources = {}
+        for entry in arrays:
+            sources.setdefault(entry["param"], {})[entry["state"]] = (entry["file"], entry["key"])
+        ranks.append({param: _LazyArrays(reader, where) for param, where in sources.items()})
+    return {"method": saved["method"], "options": saved["options"], "world_size": manifest["world_size"],
+            "ranks": ranks}
 
 
 def saved_optimizer_state(manifest: dict, reader: "SegmentReader") -> dict:

@@ -72,8 +72,30 @@ def _write_rank_files(partial: str, ddp, optimizer, rank: int, fault) -> dict:
                 segments.append({"file": name, "key": array_key, "state": key, "param": segment["param"],
                                  "start": segment["start"], "stop": segment["stop"]})
         files[name] = _write_npz(os.path.join(partial, name), arrays)
+    compression = _write_compression_part(partial, ddp, rank, files)
     return {"files": files, "segments": segments, "scalars": scalars, "class": state["class"],
-            "sharded": state["sharded"], "hyperparameters": state["hyperparameters"]}
+            "sharded": state["sharded"], "hyperparameters": state["hyperparameters"], "compression": compression}
+
+
+def _write_compression_part(partial: str, ddp, rank: int, files: dict) -> dict | None:
+    """This rank's gradient-compression state (error feedback, warm-start factors) as
+    compression-part-RRRRR.npz, if the compressor keeps any; returns its manifest entry
+    {"method", "options", "arrays": [{"file", "key", "param", "state"}]}, or None without compression."""
+    compressor = getattr(ddp, "compressor", None)
+    if compressor is None:
+        return None
+    state = compressor.state_dict()
+    entry = {"method": state["method"], "options": state["options"], "arrays": []}
+    arrays = {}
+    name = f"compression-part-{rank:05d}.npz"
+    for param, per_state in state["params"].items():
+        for key, value in per_state.items():
+            array_key = f"a{len(arrays)}"
+            arrays[array_key] = value
+            entry["arrays"].append({"file": name, "key": array_key, "param": param, "state": key})
+    if arrays:
+        files[name] = _write_npz(os.path.join(partial, name), arrays)
+    return entry
 
 
 def _manifest(step: int, ddp, world_size: int, written: list, rng_states: list, extra: dict | None) -> dict:
@@ -94,6 +116,12 @@ def _manifest(step: int, ddp, world_size: int, written: list, rng_states: list, 
                       "segments": [seg for part in written for seg in part["segments"]]},
         "files": {name: info for part in written for name, info in part["files"].items()},
         "rng_states": rng_states,
+        # gradient compression: the method and, per rank in rank order, its state arrays (absent when
+        # written without compression)
+        **({"compression": {"method": written[0]["compression"]["method"],
+                            "options": written[0]["compression"]["options"],
+                            "ranks": [part["compression"]["arrays"] for part in written]}}
+           if written[0]["compression"] else {}),
         "extra": {key: value for key, value in (extra or {}).items() if key != "rng_state"},
     }
 

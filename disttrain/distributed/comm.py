@@ -17,10 +17,20 @@ import time
 import numpy as np
 
 _OPS = ("sum", "max", "min")
+
+
 def _check_buffer(name: str, buffer: np.ndarray) -> None:
     if not isinstance(buffer, np.ndarray) or not buffer.flags.c_contiguous:
         kind = "a non-contiguous array" if isinstance(buffer, np.ndarray) else type(buffer).__name__
         raise ValueError(f"{name}: buffer must be a C-contiguous numpy array, got {kind}")
+
+
+def _check_alltoall(send: np.ndarray, recv: np.ndarray, size: int) -> None:
+    _check_buffer("alltoall", send)
+    _check_buffer("alltoall", recv)
+    if send.shape != recv.shape or send.dtype != recv.dtype or send.size % size:
+        raise ValueError(f"alltoall: send ({send.shape} {send.dtype}) and recv ({recv.shape} {recv.dtype}) must "
+                         f"have the same shape and dtype, with a size divisible by {size} ranks")
 
 
 def _check_op(op: str) -> None:
@@ -64,6 +74,11 @@ class Communicator:
 
     def broadcast(self, buffer: np.ndarray, root: int = 0) -> np.ndarray:
         """COLLECTIVE. Copy root's `buffer` into every rank's `buffer` in place."""
+        raise NotImplementedError
+
+    def alltoall(self, send: np.ndarray, recv: np.ndarray) -> np.ndarray:
+        """COLLECTIVE. `send` and `recv` (same dtype and size) each hold `size` equal blocks: block r of
+        this rank's `send` goes to rank r, and block j of `recv` comes from rank j. Returns recv."""
         raise NotImplementedError
 
     def barrier(self) -> None:
@@ -153,6 +168,11 @@ class SingleProcessComm(Communicator):
     def allgather(self, buffer):
         _check_buffer("allgather", buffer)
         return buffer
+
+    def alltoall(self, send, recv):
+        _check_alltoall(send, recv, 1)
+        np.copyto(recv, send)
+        return recv
 
     def broadcast(self, buffer, root=0):
         _check_buffer("broadcast", buffer)

@@ -18,7 +18,7 @@ import time
 
 import numpy as np
 
-from .comm import Communicator, _check_buffer, _check_op
+from .comm import Communicator, _check_alltoall, _check_buffer, _check_op
 
 
 class MPIComm(Communicator):
@@ -87,6 +87,12 @@ class MPIComm(Communicator):
         with self._inside("broadcast"):
             self._complete(self.comm.Ibcast(buffer, root=root))
         return buffer
+
+    def alltoall(self, send, recv):
+        _check_alltoall(send, recv, self.size)
+        with self._inside("alltoall"):
+            self._complete(self.comm.Ialltoall(send, recv))
+        return recv
 
     def barrier(self):
         with self._inside("barrier"):

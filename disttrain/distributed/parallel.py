@@ -13,6 +13,7 @@ from ..nn import Module
 from ..tensor import is_grad_enabled, queue_callback
 from .buckets import GradientBuckets
 from .comm import Communicator, digest48
+from .compression import check_options, make_compressor
 from .flat import FlatParameters
 from .gathering import ParameterGather
 
@@ -51,16 +52,24 @@ class DataParallel(Module):
     node, among one leader per node, within the node: hierarchical.py), so that each node's link
     carries one share of the gradient, not one per rank; "auto" chooses it when the ranks span several
     nodes and some node holds more than one rank (`hierarchical` says what was chosen).
+
+    `compression` ("none", "bf16", "fp16" or "powersgd", with `powersgd_rank`) changes what each
+    bucket's collective sends, not its contract (compression.py): 16-bit gradients summed in float32,
+    or PowerSGD's rank-r factors of each whole 2-D gradient with error feedback. Parameters stay float32
+    and identical on every rank (PowerSGD with allreduce: given the same BLAS kernels on every rank, see
+    powersgd.py); `compressor` holds the per-rank state that checkpoints carry.
     """
 
     def __init__(self, model, comm: Communicator, strategy: str = "auto",
-                 bucket_mb: float = DEFAULT_BUCKET_MB, overlap: bool = True, hierarchical="auto"):
+                 bucket_mb: float = DEFAULT_BUCKET_MB, overlap: bool = True, hierarchical="auto",
+                 compression: str = "none", powersgd_rank: int = 4):
         if strategy not in STRATEGIES:
             raise ValueError(f"strategy must be one of {STRATEGIES}, got {strategy!r}")
         if not bucket_mb > 0:
             raise ValueError(f"bucket_mb must be > 0, got {bucket_mb!r}")
         if hierarchical not in (True, False, "auto"):
             raise ValueError(f"hierarchical must be True, False or 'auto', got {hierarchical!r}")
+        check_options(compression, powersgd_rank)
         self.module = model
         self.comm = comm
         self.requested_strategy = strategy
@@ -69,6 +78,8 @@ class DataParallel(Module):
         check_same_model(comm, [(name, p.shape, str(p.dtype)) for name, p in named])
         self.flat = FlatParameters(named, comm.size, int(bucket_mb * 2**20) // 4)
         self.layout = self.flat.layout
+        self.compression = compression
+        self.compressor = make_compressor(compression, self.layout, powersgd_rank)
         self.owned_ranges = self.layout.owned_ranges(comm.rank)
         self.absent = []  # indices of parameters that had no gradient on any rank in the last sync
         self.synced = False  # combined and scaled (sync_gradients ran) since the last optimizer step
@@ -215,6 +226,9 @@ class DataParallel(Module):
     def _reduce_bucket(self, bucket: int) -> None:
         """COLLECTIVE over bucket_comm: combine bucket `bucket` of flat_grads across ranks in place."""
         if self.comm.size == 1:
+            return
+        if self.compressor is not None:
+            self.compressor.combine(self.bucket_comm, self.flat.flat_grads, bucket, self._scatters)
             return
         lo, hi = self.layout.buckets[bucket]
         if self._scatters:

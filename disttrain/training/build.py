@@ -1,7 +1,7 @@
 """Building a run: from a config to a model, data and loss (`build_run`), and from the [optimizer] and
 [training] sections to the machinery that trains it (`build_parts`): BLAS threads, DataParallel
-(overlap, hierarchical bucket collectives), ShardedOptimizer, sampler and schedule. Strategy "auto" is
-resolved here, once; config.check_consistency only checks."""
+(overlap, hierarchical bucket collectives, compression), ShardedOptimizer, sampler and schedule.
+Strategy "auto" is resolved here, once; config.check_consistency only checks."""
 
 from __future__ import annotations
 
@@ -101,7 +101,8 @@ def build_parts(model, train_data, comm, opt_cfg: dict, train_cfg: dict) -> RunP
     threads, threads_reason = choose_threads(topology["local_size"], train_cfg["threads"])
     apply_threads(threads)
     ddp = DataParallel(model, comm, resolve_strategy(opt_cfg), opt_cfg["bucket_mb"], overlap=opt_cfg["overlap"],
-                       hierarchical=opt_cfg["hierarchical"])
+                       hierarchical=opt_cfg["hierarchical"], compression=opt_cfg["compression"],
+                       powersgd_rank=opt_cfg["powersgd_rank"])
     # with overlap, the parameter allgather also runs on into the next forward (the loop waits before
     # anything else reads parameters): measured 85 ms a step against 89 ms waiting at the end of step()
     optimizer = ShardedOptimizer(OPTIMIZERS[opt_cfg["name"]], ddp.parameters(), comm, shard=opt_cfg["sharded"],

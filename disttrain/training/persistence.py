@@ -38,5 +38,9 @@ def resume(path: str, parts, state, must_exist: bool, warn) -> dict | None:
 
 def checkpoint_bytes(parts) -> int:
     """About what one checkpoint of the run takes on disk: parameters plus up to three optimizer-state
-    arrays of the same size, plus metadata."""
-    return parts.ddp.layout.padded_total * 4 * 4 + (1 << 20)
+    arrays of the same size, this rank's share of any compression state (PowerSGD's error feedback
+    is as large as the weights it compresses, on every rank), plus metadata."""
+    compressor = parts.ddp.compressor
+    compression = sum(value.nbytes for per_state in compressor.state_dict()["params"].values()
+                      for value in per_state.values()) if compressor is not None else 0
+    return parts.ddp.layout.padded_total * 4 * 4 + compression * parts.comm.size + (1 << 20)
