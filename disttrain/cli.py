@@ -40,6 +40,7 @@ def main(argv=None) -> int:
         return bench_main(argv[1:])
     parser = _parser()
     args = parser.parse_args(argv)
+    args.argv = argv  # every rank must have been given the same: checked by `train`
     if args.command is None:
         parser.print_help()
         return 2
@@ -187,6 +188,7 @@ def _guarded(command):
 def _train(args) -> int:
     from .config import load_config
     from .training import Trainer, build_run, catch_stop_signals
+    from .training.agreement import check_agreement, run_facts
     from .training.signals import ignore_stop_signals
 
     _train_arguments(args)
@@ -196,6 +198,7 @@ def _train(args) -> int:
 
     def command(comm):
         config = load_config(args.config, overrides)
+        check_agreement(comm, run_facts(config, argv=args.argv))  # before the ranks load data
         model, train, test, loss_fn, info = build_run(config, comm)
         if comm.rank == 0:
             print(f"disttrain: {config['model']['name']} on {info['description']}", flush=True)

@@ -27,7 +27,7 @@ from ..distributed.watchdog import Watchdog
 from ..faults import Faults
 from ..progress import MetricsFile, Progress, epoch_summary, run_banner, step_record
 from ..tensor import Tensor
-from . import evaluation, persistence, signals
+from . import agreement, evaluation, persistence, signals
 from .build import build_parts
 from .state import TrainState
 from .step_stats import NonFiniteError, StepStats, raise_agreed
@@ -53,7 +53,10 @@ class Trainer:
         self.opt_cfg, self.train_cfg, self.ckpt_cfg = settings["optimizer"], settings["training"], settings["checkpoint"]
         self.model, self.loss_fn, self.train_data, self.test_data = model, loss_fn, train_data, test_data
         self.task = task or _guess_task(train_data)
-        self.parts = build_parts(model, train_data, comm or init(), self.opt_cfg, self.train_cfg)
+        comm = comm or init()
+        # before anything that could make the ranks' collectives differ (a batch size, a step count)
+        agreement.check_agreement(comm, agreement.run_facts(self.config, train_data, test_data))
+        self.parts = build_parts(model, train_data, comm, self.opt_cfg, self.train_cfg)
         self.comm, self.ddp, self.optimizer = self.parts.comm, self.parts.ddp, self.parts.optimizer
         self.sampler, self.scheduler, self.topology = self.parts.sampler, self.parts.scheduler, self.parts.topology
         self.total_steps, self.steps_per_epoch = self.parts.total_steps, self.parts.steps_per_epoch
