@@ -132,8 +132,9 @@ def _agreed_errors() -> tuple:
     from .datasets import DataError
     from .distributed import LaunchError, ModelMismatchError
     from .training import TrainingError
+    from .training.run_lock import RunDirLockedError
 
-    return (ConfigError, DataError, CheckpointError, TrainingError, ModelMismatchError, LaunchError)
+    return (ConfigError, DataError, CheckpointError, TrainingError, ModelMismatchError, LaunchError, RunDirLockedError)
 
 
 def _fail(comm, error: Exception, agreed: bool = True) -> int:

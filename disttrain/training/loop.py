@@ -27,7 +27,7 @@ from ..distributed.watchdog import Watchdog
 from ..faults import Faults
 from ..progress import MetricsFile, Progress, epoch_summary, run_banner, step_record
 from ..tensor import Tensor
-from . import agreement, evaluation, persistence, signals
+from . import agreement, evaluation, persistence, run_lock, signals
 from .build import build_parts
 from .state import TrainState
 from .step_stats import NonFiniteError, StepStats, raise_agreed
@@ -80,8 +80,17 @@ class Trainer:
 
         `resume`: True (or checkpoint.resume) continues from the newest good checkpoint in the
         checkpoint directory if there is one; a path continues from that checkpoint (or directory),
-        which must hold one.
+        which must hold one. The run and checkpoint directories are locked for this run while it
+        lasts (run_lock.py): a second training into them raises RunDirLockedError.
         """
+        lock = run_lock.acquire(self.comm, [("run dir", self.run_dir), ("checkpoint directory", self.checkpoint_dir)],
+                                lambda line: self.progress.line(line, always=True))
+        try:
+            return self._fit(resume)
+        finally:
+            lock.release()
+
+    def _fit(self, resume) -> dict:
         # --- start: the disk must take a checkpoint; continue a saved run if asked; say what runs
         resume = self.ckpt_cfg["resume"] if resume is None else resume
         ckpt.probe(self.checkpoint_dir, self.comm, persistence.checkpoint_bytes(self.parts))
