@@ -25,7 +25,7 @@ from .. import config as config_module
 from ..distributed import init
 from ..distributed.watchdog import Watchdog
 from ..faults import Faults
-from ..progress import MetricsFile, Progress, epoch_summary, run_banner, step_record
+from ..progress import Progress, epoch_summary, run_banner, step_record
 from ..tensor import Tensor
 from . import agreement, evaluation, persistence, run_lock, signals
 from .build import build_parts
@@ -93,11 +93,11 @@ class Trainer:
     def _fit(self, resume) -> dict:
         # --- start: the disk must take a checkpoint; continue a saved run if asked; say what runs
         resume = self.ckpt_cfg["resume"] if resume is None else resume
-        ckpt.probe(self.checkpoint_dir, self.comm, persistence.checkpoint_bytes(self.parts))
+        ckpt.probe(self.checkpoint_dir, self.comm, persistence.checkpoint_bytes(self.parts, self.config))
         resumed = self._resume(resume) if resume else None
-        if self.comm.rank == 0:
-            self.metrics = MetricsFile(os.path.join(self.run_dir, "metrics.jsonl"), resumed)
+        self.metrics = persistence.open_metrics(self.comm, os.path.join(self.run_dir, "metrics.jsonl"), resumed)
         self._announce(resumed)
+        first_step, first_skipped = self.state.step, self.state.skipped_steps
         self.watchdog = Watchdog(self.comm, self.train_cfg["watchdog_seconds"])
         handlers = signals.catch_stop_signals()
         started, samples_done, stop = time.perf_counter(), 0, None
@@ -129,10 +129,12 @@ class Trainer:
                 self.progress.line(f"received {stop}: saved checkpoint {self.last_checkpoint_path} at step "
                                    f"{self.state.step}; resume with: {self.resume_command}", always=True)
             else:
+                persistence.refuse_all_skipped(self.state.step - first_step, self.state.skipped_steps - first_skipped)
                 if self.last_eval.get("step") != self.state.step:
                     self._evaluate_and_log()
                 if self._save_due("end"):
                     self._save()
+            persistence.agree_metrics_written(self.comm, self.metrics)
         finally:
             self.ddp.wait_for_parameters()
             signals.restore(handlers)
@@ -179,6 +181,8 @@ class Trainer:
         self.watchdog.step_started(step)
         t0 = time.perf_counter()
         local, failure = self._forward_backward(group, step)
+        if self.metrics is not None and self.metrics.error:  # rank 0 could not write its last record
+            local.failed, failure = 1, self.metrics.error
         t1 = time.perf_counter()
         self.ddp.sync_gradients(grad_scale=1.0)  # every rank, even after a local failure
         local.nonfinite_grads = int(self.optimizer.first_nonfinite_index() is not None)
