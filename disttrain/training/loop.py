@@ -67,7 +67,7 @@ class Trainer:
         self.progress = Progress(self.total_steps, self.comm.rank == 0, self.train_cfg["progress"])
         self.resume_command = resume_command or "Trainer.fit(resume=True) with the same settings"
         self.last_checkpoint_step = self.last_checkpoint_path = None
-        self.last_eval, self.metrics, self.watchdog = {}, None, None
+        self.last_eval, self.metrics, self.watchdog, self.resume_notes = {}, None, None, []
 
     @property
     def step(self) -> int:
@@ -324,10 +324,11 @@ class Trainer:
     def _resume(self, resume) -> int | None:
         path = self.checkpoint_dir if resume is True else str(resume)
         info = persistence.resume(path, self.parts, self.state, must_exist=resume is not True,
-                                  warn=lambda message: self.progress.line(message, always=True))
+                                  warn=lambda message: self.progress.line(message, always=True), config=self.config)
         if info is None:
             self.progress.line(f"no checkpoint in {path} yet: starting from the beginning", always=True)
             return None
+        self.resume_notes = info["notes"]
         self.last_checkpoint_path, self.last_checkpoint_step = info["path"], self.state.step
         return self.state.step
 
@@ -339,6 +340,7 @@ class Trainer:
                      if resumed_step < self.total_steps and self.state.epoch < self.train_cfg["epochs"]
                      else "the run is already complete: nothing to train")
             lines.append(f"resumed from {self.last_checkpoint_path} at step {resumed_step} ({where})")
+            lines += self.resume_notes
         elif self.comm.rank == 0 and ckpt.list_checkpoints(self.checkpoint_dir):
             newest = ckpt.list_checkpoints(self.checkpoint_dir)[-1][0]
             lines.append(f"note: {self.checkpoint_dir} holds checkpoints of an earlier run (up to step {newest}); this "

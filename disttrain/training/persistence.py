@@ -7,6 +7,8 @@ import numpy as np
 
 from .. import checkpoint as ckpt
 from .. import nn
+from . import resume_changes
+from .build import hyperparameters
 from .step_stats import NonFiniteError, TrainingError, raise_agreed
 
 
@@ -19,24 +21,53 @@ def save(directory: str, parts, state, config: dict, keep: int, fault=None) -> s
     return ckpt.save(directory, state.step, parts.ddp, parts.optimizer, parts.comm, extra, keep=keep, fault=fault)
 
 
-def resume(path: str, parts, state, must_exist: bool, warn) -> dict | None:
+def resume(path: str, parts, state, must_exist: bool, warn, config: dict | None = None) -> dict | None:
     """COLLECTIVE. Restore the newest usable checkpoint under `path` into the run: parameters,
     optimizer state (resharded to this world size), `state`, sampler, schedule and, at the same world
-    size, this rank's RNG. Returns the checkpoint loader's info, or None when `path` holds no
-    checkpoint and `must_exist` is False (raises CheckpointError when it is True)."""
-    info = ckpt.load(path, parts.ddp, parts.optimizer, parts.comm, warn=warn)
+    size, this rank's RNG. Returns the checkpoint loader's info with "notes" (lines saying which changed
+    settings are applied), or None when `path` holds no checkpoint and `must_exist` is False (raises
+    CheckpointError when it is True). `config` is this run's ({section: {key: value}}): compared with
+    the checkpoint's (resume_changes.py), its optimizer hyperparameters and schedule replace the saved
+    ones; a change a resume cannot take raises ConfigError."""
+    try:
+        info = ckpt.load(path, parts.ddp, parts.optimizer, parts.comm, warn=warn)
+    except ckpt.CheckpointError:  # raised on every rank: no usable checkpoint. Say why if a setting changed
+        newest = parts.comm.broadcast_object(_newest_config(path) if parts.comm.rank == 0 else None)
+        if newest is not None:
+            resume_changes.refuse(resume_changes.changed_settings(newest[1], config or {}), newest[0])
+        raise
     if info is None:
         if must_exist:
             raise ckpt.CheckpointError(f"resume path {path!r} holds no checkpoint (expected step-XXXXXXXX "
                                        f"directories or a `latest` pointer)")
         return None
     extra = info["extra"]
+    changes = resume_changes.changed_settings(extra.get("config"), config or {})
+    resume_changes.refuse(changes, info["path"])
     state.load_state_dict(info["step"], extra)
     parts.sampler.load_state_dict(extra["sampler"])
-    parts.scheduler.load_state_dict(extra["scheduler"])
+    scheduler_state = dict(extra["scheduler"])
+    if config and "optimizer" in config:  # this run's hyperparameters, not the saved ones
+        for key, value in hyperparameters(config["optimizer"]).items():
+            setattr(parts.optimizer.optimizer, key, value)
+        scheduler_state["base_lr"] = config["optimizer"]["lr"]
+    parts.scheduler.load_state_dict(scheduler_state)
     if info["rng_state"] is not None:
         nn.default_rng().bit_generator.state = info["rng_state"]
+    schedule = (config or {}).get("training", {}).get("schedule", "constant")
+    info["notes"] = resume_changes.describe(changes, (
+        f"the learning rate follows the {schedule} schedule rebuilt from lr {scheduler_state['base_lr']:g} over "
+        f"{parts.total_steps} steps, continuing at step {info['step']} (lr {parts.optimizer.lr:.4g})"))
     return info
+
+
+def _newest_config(path: str) -> tuple | None:
+    """(checkpoint path, recorded config) of the checkpoint a resume from `path` tries first, or None."""
+    try:
+        newest = ckpt.candidates(path)[0]
+        return newest, ckpt.read_manifest(newest).get("extra", {}).get("config")
+    except (IndexError, OSError, ckpt.CheckpointError):
+        return None
 
 
 # Bytes a checkpoint spends beside the numbers themselves, measured on numpy 2's .npz (zip member
