@@ -203,6 +203,8 @@ def _train(args) -> int:
         model, train, test, loss_fn, info = build_run(config, comm)
         if comm.rank == 0:
             print(f"disttrain: {config['model']['name']} on {info['description']}", flush=True)
+            for note in info.get("notes", []):
+                print(note, flush=True)
         trainer = Trainer(model, train, loss_fn, test, comm, config["optimizer"], config["training"],
                           config["checkpoint"], config=config, task=info["task"],
                           resume_command=resume_command(args))
@@ -295,12 +297,21 @@ def _export(args) -> int:
             # the optimizer's scalars (Adam's step count), as 0-d arrays
             arrays.update({f"optimizer.{key}": np.asarray(value)
                            for key, value in manifest["optimizer"].get("scalars", {}).items()})
+        if os.path.isdir(args.output):
+            raise checkpoint.CheckpointError(f"export: the output {args.output!r} is a directory; give a file name, "
+                                             f"e.g. {os.path.join(args.output, 'model.npz')}")
         temporary = f"{args.output}.tmp-{os.getpid()}"
-        with open(temporary, "wb") as handle:
-            np.savez(handle, **arrays)
-        os.replace(temporary, args.output)
-    except (checkpoint.CheckpointError, OSError) as error:
+        try:
+            with open(temporary, "wb") as handle:
+                np.savez(handle, **arrays)
+            os.replace(temporary, args.output)
+        finally:
+            if os.path.lexists(temporary):
+                os.remove(temporary)
+    except checkpoint.CheckpointError as error:
         return _fail(None, error)
+    except OSError as error:
+        return _fail(None, f"export: cannot write {args.output}: {error.strerror or error}")
     print(f"wrote {args.output}: {len(params)} parameter arrays from {path} (step {manifest['step']})"
           + (", with optimizer state" if args.optimizer else ""))
     return 0

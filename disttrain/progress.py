@@ -113,11 +113,15 @@ def run_banner(parts, opt_cfg: dict, train_cfg: dict, train_size: int, test_size
         mode += ", hierarchical (node, leaders, node)"
     if parts.ddp.overlap:
         mode += ", overlapped with backward"
-    return [f"disttrain: world {parts.comm.size} ({topology['nodes']} node(s) x {topology['local_size']} ranks on "
+    lines = [f"disttrain: world {parts.comm.size} ({topology['nodes']} node(s) x {topology['local_size']} ranks on "
             f"this node), {parts.threads} BLAS thread(s) per rank ({parts.threads_reason})",
             f"model: {parts.ddp.layout.total:,} parameters; optimizer {opt_cfg['name']} lr {opt_cfg['lr']:g}, {mode}",
             f"data: {train_size} train / {test_size} test samples, global batch {train_cfg['batch_size']}, "
             f"{parts.steps_per_epoch} steps/epoch, {parts.total_steps} steps in all; run dir {train_cfg['run_dir']}"]
+    if train_cfg["batch_size"] > train_size:
+        lines.append(f"note: the global batch {train_cfg['batch_size']} is larger than the {train_size} training "
+                     f"samples: every step trains on all {train_size} of them (a global batch of {train_size})")
+    return lines
 
 
 def step_record(step: int, epoch: int, loss: float, lr: float, samples: int, timing: dict, skipped_steps: int) -> dict:
