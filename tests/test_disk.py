@@ -75,7 +75,7 @@ def _one_error_line(err):
 
 
 # --------------------------------------------------------------------------------------- the estimate
-@pytest.mark.parametrize("ranks", [1, 3])
+@pytest.mark.parametrize("ranks", [3])  # three ranks: parameters split into pieces across owners
 def test_the_space_estimate_is_never_less_than_a_real_checkpoint_and_at_most_1_5x(tmp_path, ranks):
     launch.mpirun(ranks, [os.path.join(WORKERS, "checkpoint_size.py"), tmp_path], timeout=180, MPIEXEC_TIMEOUT=160)
     sizes = json.loads((tmp_path / "sizes.json").read_text())
@@ -109,8 +109,8 @@ def test_a_disk_that_fills_during_a_checkpoint_ends_the_job_with_one_line_and_th
 
 
 def test_a_disk_that_fills_with_metrics_ends_the_job_with_one_line(tmp_path):
-    config = _config(tmp_path, hidden=8, epochs=200, log_every=1)  # 800 steps: ~200 KB of metrics lines
-    with tmpfs(tmp_path / "disk", "64k") as disk:
+    config = _config(tmp_path, hidden=8, epochs=40, log_every=1)  # 160 steps: ~45 KB of metrics lines
+    with tmpfs(tmp_path / "disk", "16k") as disk:
         proc = launch.disttrain("train", config, "--run-dir", disk / "run", "--set",
                                 f"checkpoint.dir={json.dumps(str(tmp_path / 'checkpoints'))}", ranks=2, timeout=120,
                                 check=False)
@@ -120,7 +120,7 @@ def test_a_disk_that_fills_with_metrics_ends_the_job_with_one_line(tmp_path):
                f"needs about " in line, line
         with open(disk / "run" / "metrics.jsonl") as handle:
             lines = handle.read().splitlines()
-        assert len(lines) > 100  # written up to the full disk
+        assert len(lines) > 20  # written up to the full disk
         assert not os.path.exists(disk / "run" / "disttrain.lock")
 
 
