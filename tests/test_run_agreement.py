@@ -81,7 +81,8 @@ def test_a_rank_started_with_another_setting_stops_the_job_before_step_1_naming_
 def test_with_three_ranks_the_error_lists_the_ranks_on_each_side(tmp_path):
     code, out, err = _mpmd(tmp_path, [["optimizer.lr=0.001"], ["optimizer.lr=0.01"], ["optimizer.lr=0.001"]])
     assert code == 1, err
-    assert "disttrain: error: config differs across ranks: optimizer.lr is 0.001 on ranks 0, 2 and 0.01 on rank 1" in err
+    assert ("disttrain: error: config differs across ranks: optimizer.lr is 0.001 on ranks 0, 2 and 0.01 on rank 1"
+            in err)
 
 
 def test_ranks_that_agree_train_as_before(tmp_path):

@@ -164,7 +164,8 @@ def test_the_lock_is_released_after_a_stop_signal(tmp_path, config):
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     try:
         deadline = time.monotonic() + 60
-        while not (tmp_path / "run" / "metrics.jsonl").exists() or "step" not in (tmp_path / "run" / "metrics.jsonl").read_text():
+        metrics = tmp_path / "run" / "metrics.jsonl"
+        while not metrics.exists() or "step" not in metrics.read_text():
             assert time.monotonic() < deadline and proc.poll() is None, proc.communicate()
             time.sleep(0.05)
         assert os.path.exists(_lock_path(tmp_path / "run"))

@@ -92,7 +92,8 @@ def describe_differences(per_rank: list) -> str:
             sides.setdefault(_show(kind, facts.get(name, missing), missing), []).append(rank)
         text = " and ".join(f"{value} on {rank_list(ranks)}" for value, ranks in sides.items())
         by_kind.setdefault(kind, []).append(text if kind == "launch" else f"{label} is {text}")
-    parts = [f"{KINDS.get(kind, kind + ' differs across ranks')}: {', '.join(items)}" for kind, items in by_kind.items()]
+    parts = [f"{KINDS.get(kind, kind + ' differs across ranks')}: {', '.join(items)}"
+             for kind, items in by_kind.items()]
     if len(differing) > SHOWN_DIFFERENCES:
         rest = [name.partition(":")[2] for name in differing[SHOWN_DIFFERENCES:]]
         parts.append(f"and {len(rest)} more ({', '.join(rest)})")
