@@ -12,7 +12,7 @@ MPI_PYTEST := $(BIN)/mpiexec -n
 .PHONY: install run test test-serial test-mpi bench bench-deps soak clean help
 
 help:
-	@echo "make run      train the default example (digits MLP) on 2 ranks"
+	@echo "make run      train the default example (digits MLP, bundled in the package) on 2 ranks"
 	@echo "make test     the whole test suite (serial, then MPI at 2 and 3 ranks)"
 	@echo "make bench    throughput/memory benchmark against hand-written numpy (and PyTorch if installed)"
 	@echo "make bench-deps  install the CPU build of PyTorch for the benchmark's PyTorch columns"
@@ -29,7 +29,7 @@ $(STAMP): pyproject.toml
 	touch $(STAMP)
 
 run: install
-	PATH=$(abspath $(BIN)):$$PATH $(BIN)/mpiexec -n 2 $(BIN)/disttrain train examples/digits_mlp.toml
+	PATH=$(abspath $(BIN)):$$PATH $(BIN)/mpiexec -n 2 $(BIN)/disttrain train
 
 test: test-serial test-mpi
 

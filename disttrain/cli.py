@@ -18,7 +18,11 @@ AGREED_EXIT_GRACE_SECONDS = 20  # MPI_Finalize of every rank normally takes well
 # where launchers put a process's rank: read by commands that never initialise MPI (export, plot)
 RANK_VARIABLES = ("PMI_RANK", "OMPI_COMM_WORLD_RANK", "PMIX_RANK", "SLURM_PROCID")
 
+# trained by `disttrain train` without a config (and by `make run`); shipped inside the package
+DEFAULT_CONFIG = os.path.join(os.path.dirname(os.path.abspath(__file__)), "examples", "digits_mlp.toml")
+
 EPILOG = """examples:
+  disttrain train                                               the bundled default example (digits MLP)
   disttrain train examples/digits_mlp.toml                      one process
   mpiexec -n 4 disttrain train examples/digits_mlp.toml         4 ranks (the venv's MPICH)
   srun --mpi=pmi2 -n 4 disttrain train examples/digits_mlp.toml SLURM
@@ -40,6 +44,7 @@ def main(argv=None) -> int:
         return bench_main(argv[1:])
     parser = _parser()
     args = parser.parse_args(argv)
+    args.argv = argv  # every rank must have been given the same: checked by `train`
     if args.command is None:
         parser.print_help()
         return 2
@@ -80,18 +85,19 @@ def _parser() -> argparse.ArgumentParser:
 
     train = commands.add_parser("train", help="train a model described by a TOML config",
                                 formatter_class=argparse.RawDescriptionHelpFormatter, epilog=EPILOG,
-                                usage="disttrain train [-h] CONFIG.toml [--set SECTION.KEY=VALUE] [--resume [PATH]] "
+                                usage="disttrain train [-h] [CONFIG.toml] [--set SECTION.KEY=VALUE] [--resume [PATH]] "
                                       "[--run-dir RUN_DIR]")
-    # optional to argparse only so that `train --resume CONFIG.toml` (the flag took the config) can be
-    # told apart from a missing config: see _train_arguments
+    # optional: without it the bundled default example trains; `train --resume CONFIG.toml` (the flag
+    # took the config) is told apart from that in _train_arguments
     train.add_argument("config", nargs="?", metavar="CONFIG.toml",
-                       help="TOML file with [model], [data], [optimizer], [training], [checkpoint]")
+                       help="TOML file with [model], [data], [optimizer], [training], [checkpoint] (default: the "
+                            "bundled example, an MLP on the digits)")
     train.add_argument("--set", action="append", default=[], metavar="SECTION.KEY=VALUE",
                        help="override one config key (repeatable), e.g. --set training.epochs=5")
     train.add_argument("--resume", nargs="?", const=True, default=None, metavar="PATH",
                        help="continue from the latest good checkpoint of the run (or from PATH)")
     train.add_argument("--run-dir", help="where metrics.jsonl and checkpoints go (training.run_dir)")
-    train.set_defaults(run=_train, parser=train)
+    train.set_defaults(run=_train)
 
     evaluate = commands.add_parser("eval", help="evaluate the latest (or a given) checkpoint on the test set")
     evaluate.add_argument("path", help="run directory, checkpoint directory, or one step-XXXXXXXX checkpoint")
@@ -131,8 +137,9 @@ def _agreed_errors() -> tuple:
     from .datasets import DataError
     from .distributed import LaunchError, ModelMismatchError
     from .training import TrainingError
+    from .training.run_lock import RunDirLockedError
 
-    return (ConfigError, DataError, CheckpointError, TrainingError, ModelMismatchError, LaunchError)
+    return (ConfigError, DataError, CheckpointError, TrainingError, ModelMismatchError, LaunchError, RunDirLockedError)
 
 
 def _fail(comm, error: Exception, agreed: bool = True) -> int:
@@ -187,6 +194,7 @@ def _guarded(command):
 def _train(args) -> int:
     from .config import load_config
     from .training import Trainer, build_run, catch_stop_signals
+    from .training.agreement import check_agreement, run_facts
     from .training.signals import ignore_stop_signals
 
     _train_arguments(args)
@@ -195,10 +203,15 @@ def _train(args) -> int:
     overrides = list(args.set) + ([f"training.run_dir={json.dumps(args.run_dir)}"] if args.run_dir else [])
 
     def command(comm):
-        config = load_config(args.config, overrides)
+        if args.config is None and comm.rank == 0:
+            print(f"disttrain: no config given: training the bundled default example ({DEFAULT_CONFIG})", flush=True)
+        config = load_config(args.config or DEFAULT_CONFIG, overrides)
+        check_agreement(comm, run_facts(config, argv=args.argv))  # before the ranks load data
         model, train, test, loss_fn, info = build_run(config, comm)
         if comm.rank == 0:
             print(f"disttrain: {config['model']['name']} on {info['description']}", flush=True)
+            for note in info.get("notes", []):
+                print(note, flush=True)
         trainer = Trainer(model, train, loss_fn, test, comm, config["optimizer"], config["training"],
                           config["checkpoint"], config=config, task=info["task"],
                           resume_command=resume_command(args))
@@ -222,19 +235,15 @@ def _train(args) -> int:
 
 def _train_arguments(args) -> None:
     """Complete `train`'s arguments: `train --resume CONFIG.toml` is a resume of that config (the flag,
-    taking an optional PATH, took the config); no config at all is a usage error (exit 2)."""
-    if args.config is not None:
-        return
-    if isinstance(args.resume, str) and args.resume.endswith(".toml"):
+    taking an optional PATH, took the config); no config at all leaves args.config None (the default)."""
+    if args.config is None and isinstance(args.resume, str) and args.resume.endswith(".toml"):
         args.config, args.resume = args.resume, True
-        return
-    args.parser.error("the following arguments are required: CONFIG.toml")
 
 
 def resume_command(args) -> str:
     """The shell command that continues this run after a stop signal: the same config path as given,
     the same --set and --run-dir arguments, and --resume (the run's latest checkpoint)."""
-    words = ["disttrain", "train", args.config]
+    words = ["disttrain", "train"] + ([args.config] if args.config is not None else [])
     for text in args.set:
         words += ["--set", text]
     if args.run_dir:
@@ -291,12 +300,21 @@ def _export(args) -> int:
             # the optimizer's scalars (Adam's step count), as 0-d arrays
             arrays.update({f"optimizer.{key}": np.asarray(value)
                            for key, value in manifest["optimizer"].get("scalars", {}).items()})
+        if os.path.isdir(args.output):
+            raise checkpoint.CheckpointError(f"export: the output {args.output!r} is a directory; give a file name, "
+                                             f"e.g. {os.path.join(args.output, 'model.npz')}")
         temporary = f"{args.output}.tmp-{os.getpid()}"
-        with open(temporary, "wb") as handle:
-            np.savez(handle, **arrays)
-        os.replace(temporary, args.output)
-    except (checkpoint.CheckpointError, OSError) as error:
+        try:
+            with open(temporary, "wb") as handle:
+                np.savez(handle, **arrays)
+            os.replace(temporary, args.output)
+        finally:
+            if os.path.lexists(temporary):
+                os.remove(temporary)
+    except checkpoint.CheckpointError as error:
         return _fail(None, error)
+    except OSError as error:
+        return _fail(None, f"export: cannot write {args.output}: {error.strerror or error}")
     print(f"wrote {args.output}: {len(params)} parameter arrays from {path} (step {manifest['step']})"
           + (", with optimizer state" if args.optimizer else ""))
     return 0

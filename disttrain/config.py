@@ -108,7 +108,9 @@ SCHEMA = {
         "classes": Field("int", 0, "classes (classification) or outputs per sample (regression); 0: infer "
                          "from the training labels (synthetic: 10); set, every label must lie in 0..classes-1",
                          low=0),
-        "task": Field("str", "classification", "synthetic: task", choices=("classification", "regression")),
+        "task": Field("str", "auto", "classification or regression; auto: npy integer labels are classes and float "
+                      "labels regression targets, every other data set is classification",
+                      choices=("auto", "classification", "regression")),
         "noise": Field("float", 0.1, "synthetic: label/target noise", low=0.0),
         "seed": Field("int", 0, "synthetic: generator seed", low=0),
     },

@@ -14,12 +14,14 @@ import numpy as np
 class ArrayDataset:
     """Features (n, ...) and labels (n, ...) held as numpy arrays or memory maps.
 
+    Python lists (or other sequences) are turned into numpy arrays (float64 into float32).
     Indexing with an array of sample indices returns (features as float32, times `scale` if given,
     labels) for those rows only: a memory-mapped file is read only where it is indexed. `rows`, if
     given, maps this dataset's indices to rows of the arrays (a train or test split without copying).
     """
 
     def __init__(self, features, labels, name: str = "dataset", scale: float | None = None, rows=None):
+        features, labels = _as_array(features, "features"), _as_array(labels, "labels")
         if len(features) != len(labels):
             raise ValueError(f"{name}: features have {len(features)} rows but labels have {len(labels)}")
         self.features, self.labels, self.name, self.scale = features, labels, name, scale
@@ -46,6 +48,21 @@ class ArrayDataset:
     @property
     def sample_shape(self) -> tuple:
         return tuple(self.features.shape[1:])
+
+
+def _as_array(values, what: str):
+    """`values` as something indexable by an array of rows: arrays and memory maps as they are, other
+    sequences (Python lists) as numpy arrays, float64 made float32."""
+    if hasattr(values, "shape") and hasattr(values, "__getitem__"):
+        return values
+    try:
+        array = np.asarray(values)
+    except ValueError:  # ragged nesting
+        array = np.asarray(values, dtype=object)
+    if array.dtype.kind not in "biuf" or array.ndim == 0:
+        raise ValueError(f"ArrayDataset {what}: expected an array or a (nested) list of numbers of one shape, got "
+                         f"{type(values).__name__} making a {array.dtype} array of shape {array.shape}")
+    return array.astype(np.float32) if array.dtype == np.float64 else array
 
 
 def split_evenly(count: int, parts: int, part: int) -> tuple:

@@ -13,7 +13,11 @@ import time
 
 class MetricsFile:
     """Appends JSON lines to `path` (rank 0 only). On resume, lines past `keep_until_step` are dropped
-    first: they describe steps that will be trained again."""
+    first: they describe steps that will be trained again. Opening raises OSError; a write that fails
+    (a full disk) is not raised but kept in `error` (one line naming the file and the space it needed),
+    and later records are dropped: the training loop makes every rank stop on it together."""
+
+    error: str | None = None
 
     def __init__(self, path: str, resume_step: int | None = None):
         self.path = path
@@ -38,11 +42,22 @@ class MetricsFile:
     def write(self, record: dict) -> None:
         """Append `record` as one line of strict JSON: a NaN or infinite number is written as null
         (Python's json would write the bare NaN/Infinity that other JSON readers reject)."""
-        self.handle.write(json.dumps(_finite_or_null(record), allow_nan=False) + "\n")
-        self.handle.flush()
+        if self.error is not None:
+            return
+        line = json.dumps(_finite_or_null(record), allow_nan=False) + "\n"
+        try:
+            self.handle.write(line)
+            self.handle.flush()
+        except OSError as error:
+            from .checkpoint.files import write_error
+
+            self.error = write_error(self.path, error, len(line))
 
     def close(self) -> None:
-        self.handle.close()
+        try:
+            self.handle.close()
+        except OSError:  # the buffered rest could not be written either: `error` already says why
+            pass
 
 
 class Progress:
@@ -101,11 +116,15 @@ def run_banner(parts, opt_cfg: dict, train_cfg: dict, train_size: int, test_size
     if parts.ddp.compression != "none" and parts.comm.size > 1:  # a world of one sends nothing
         rank = f" rank {opt_cfg['powersgd_rank']}" if parts.ddp.compression == "powersgd" else ""
         mode += f", {parts.ddp.compression}{rank} compression"
-    return [f"disttrain: world {parts.comm.size} ({topology['nodes']} node(s) x {topology['local_size']} ranks on "
-            f"this node), {parts.threads} BLAS thread(s) per rank ({parts.threads_reason})",
-            f"model: {parts.ddp.layout.total:,} parameters; optimizer {opt_cfg['name']} lr {opt_cfg['lr']:g}, {mode}",
-            f"data: {train_size} train / {test_size} test samples, global batch {train_cfg['batch_size']}, "
-            f"{parts.steps_per_epoch} steps/epoch, {parts.total_steps} steps in all; run dir {train_cfg['run_dir']}"]
+    lines = [f"disttrain: world {parts.comm.size} ({topology['nodes']} node(s) x {topology['local_size']} ranks on "
+             f"this node), {parts.threads} BLAS thread(s) per rank ({parts.threads_reason})",
+             f"model: {parts.ddp.layout.total:,} parameters; optimizer {opt_cfg['name']} lr {opt_cfg['lr']:g}, {mode}",
+             f"data: {train_size} train / {test_size} test samples, global batch {train_cfg['batch_size']}, "
+             f"{parts.steps_per_epoch} steps/epoch, {parts.total_steps} steps in all; run dir {train_cfg['run_dir']}"]
+    if train_cfg["batch_size"] > train_size:
+        lines.append(f"note: the global batch {train_cfg['batch_size']} is larger than the {train_size} training "
+                     f"samples: every step trains on all {train_size} of them (a global batch of {train_size})")
+    return lines
 
 
 def step_record(step: int, epoch: int, loss: float, lr: float, samples: int, timing: dict, skipped_steps: int) -> dict:

@@ -72,7 +72,11 @@ def data(tmp_path_factory):
     for name, value in (("y_negative_late.npy", -1), ("y_five_classes_late.npy", 4)):
         bad = y.copy()
         bad[LATE_ROW] = value
+        bad[LATE_ROW + 1] = 3  # (classes 0..4 all present: no gap)
         _save(directory, name, bad)
+    stray = y.copy()
+    stray[LATE_ROW] = 50  # one stray label far above the 0..2 of all the others
+    _save(directory, "y_stray.npy", stray)
     _save(directory, "x_empty.npy", np.zeros((0, FEATURES), np.float32))
     _save(directory, "y_empty.npy", np.zeros(0, np.int64))
     _save(directory, "x_flat.npy", x[:, 0])
@@ -90,6 +94,15 @@ def data(tmp_path_factory):
     np.savez(os.path.join(directory, "xy.npz"), x=x, y=y)
     _write_idx_directory(os.path.join(directory, "idx"), rng, train_top=2, test_top=2)
     _write_idx_directory(os.path.join(directory, "idx_test_beyond"), rng, train_top=2, test_top=5)
+    _write_idx_directory(os.path.join(directory, "idx_swapped"), rng, train_top=2, test_top=2)
+    os.replace(os.path.join(directory, "idx_swapped", "train-labels-idx1-ubyte.gz"),  # labels where images belong
+               os.path.join(directory, "idx_swapped", "train-images-idx3-ubyte"))
+    with gzip.open(os.path.join(directory, "idx_swapped", "train-images-idx3-ubyte")) as handle:
+        labels_bytes = handle.read()
+    with open(os.path.join(directory, "idx_swapped", "train-images-idx3-ubyte"), "wb") as handle:
+        handle.write(labels_bytes)
+    _write_idx(os.path.join(directory, "idx_swapped", "train-labels-idx1-ubyte.gz"), y, gzipped=True)
+    _write_idx(os.path.join(directory, "labels.idx"), y)
     return directory
 
 
@@ -193,6 +206,25 @@ CASES = [
      ["the model does not accept the data", f"samples of shape ({FEATURES},)"], {}),
     ("model module that does not exist", ['model.name="no_such_module:build"'],
      ["model.name = 'no_such_module:build'", "cannot import module 'no_such_module'"], {}),
+    ("one stray label far above the others", ['data.labels="{data}/y_stray.npy"'],
+     ["y_stray.npy", "classes 3..49 never occur among the labels 0..50 (label 50 occurs 1 time)",
+      "set data.classes = 51 if those classes are meant to be absent"], {"files": True, "shard": True}),
+    ("model with more outputs than there are classes", ['model.name="faults_models:fixed"', "model.options={outputs=5}"],
+     ["the model outputs shape (2, 5) but the labels need 3 classes", "set data.classes = 5"], {}),
+    ("model factory without input_shape", ['model.name="faults_models:no_input_shape"'],
+     ["model.name = 'faults_models:no_input_shape'", "must accept the keyword arguments input_shape= and classes=",
+      "its parameters are (classes, hidden)"], {}),
+    ("IDX file given as npy features", ['data.path="{data}/labels.idx"'],
+     ["labels.idx", "is an IDX file (MNIST format), not numpy", 'set data.name = "idx"'], {"files": True}),
+    ("IDX labels file in place of the images", ['data.name="idx"', 'data.path="{data}/idx_swapped"'],
+     ["idx_swapped/train-images-idx3-ubyte: holds one value per sample, as a labels file holds, not images"],
+     {"files": True}),
+    ("IDX path that is a file", ['data.name="idx"', 'data.path="{data}/labels.idx"'],
+     ["labels.idx' is a file; give the directory that holds train-images-idx3-ubyte"], {"files": True}),
+    ("fractional labels trained as classes", ['data.labels="{data}/t_vector.npy"', 'data.task="classification"'],
+     ["t_vector.npy", 'data.task = "classification" needs whole-number labels, but row 0 holds'], {"files": True}),
+    ("regression of the digits", ['data.name="digits"', 'data.task="regression"'],
+     ['data.task = "regression" does not fit the digits data set: its labels are classes'], {}),
     ("resume path that does not exist", [], ["resume path", "no-such-run", "does not exist"],
      {"resume": "no-such-run"}),
     ("resume path without a checkpoint", [], ["resume path", "empty-run", "holds no checkpoint"],

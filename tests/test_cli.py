@@ -542,8 +542,10 @@ def test_train_with_resume_before_the_config_resumes_that_config(tmp_path):
     launch.disttrain("train", "run.toml", "--run-dir", "run", "--set", "training.epochs=1", timeout=120, cwd=tmp_path)
     proc = launch.disttrain("train", "--resume", "run.toml", "--run-dir", "run", timeout=120, cwd=tmp_path)
     assert "resumed from run/checkpoints/step-00000007 at step 7 (epoch 2)" in proc.stdout
+    # without a config, the bundled default example is what resumes: not the model of run.toml
     proc = launch.disttrain("train", "--resume", "run", check=False, timeout=60, cwd=tmp_path)
-    assert proc.returncode == 2 and "error: the following arguments are required: CONFIG.toml" in proc.stderr
+    assert proc.returncode == 1 and "training the bundled default example" in proc.stdout
+    assert "cannot resume run/checkpoints/step-00000021 with a changed model.hidden = [128]" in proc.stderr
 
 
 def test_bare_resume_on_a_run_without_checkpoints_starts_from_the_beginning(tmp_path):

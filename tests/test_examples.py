@@ -3,6 +3,7 @@
 import json
 import os
 import re
+import sys
 
 import pytest
 
@@ -18,17 +19,40 @@ def _final_eval(run_dir):
 
 
 def test_default_example_reaches_95_percent_on_two_ranks(tmp_path):
-    proc = launch.disttrain("train", os.path.join(EXAMPLES, "digits_mlp.toml"), "--run-dir", tmp_path, ranks=2)
+    """`disttrain train` without a config, as `make run` runs it: the bundled digits MLP."""
+    proc = launch.disttrain("train", "--run-dir", tmp_path, ranks=2)
+    assert proc.stdout.startswith("disttrain: no config given: training the bundled default example (")
+    assert "disttrain: mlp on UCI digits 8x8: 1438 train / 359 test, 10 classes from labels 0..9" in proc.stdout
     assert "world 2" in proc.stdout
     assert re.search(r"epoch 20/20 .*test_acc 0\.9[5-9]", proc.stdout), proc.stdout
     assert _final_eval(tmp_path)["test_accuracy"] >= 0.95
 
 
 def test_default_example_runs_single_process_without_mpiexec(tmp_path):
-    proc = launch.disttrain("train", os.path.join(EXAMPLES, "digits_mlp.toml"), "--run-dir", tmp_path,
-                            "--set", "training.epochs=8")
+    proc = launch.disttrain("train", "--run-dir", tmp_path, "--set", "training.epochs=8")
     assert "world 1" in proc.stdout
     assert _final_eval(tmp_path)["test_accuracy"] >= 0.93
+
+
+def test_make_run_trains_the_default_example_and_the_repository_copy_is_that_file():
+    with open(os.path.join(launch.REPO, "Makefile")) as handle:
+        run = [line for line in handle.read().split("\nrun: install\n", 1)[1].splitlines() if line.strip()][0]
+    assert run.rstrip().endswith("$(BIN)/mpiexec -n 2 $(BIN)/disttrain train")  # no config: the bundled one
+    bundled = os.path.join(launch.REPO, "disttrain", "examples", "digits_mlp.toml")
+    assert os.path.realpath(os.path.join(EXAMPLES, "digits_mlp.toml")) == os.path.realpath(bundled)
+
+
+def test_an_installed_package_without_the_repository_trains_its_bundled_default(tmp_path):
+    """setuptools' build of the package (what pip installs), imported from outside the repository."""
+    launch.run([sys.executable, "-c", "import setuptools; setuptools.setup()", "-q", "build_py", "--build-lib",
+                str(tmp_path / "installed")], timeout=120, cwd=launch.REPO)
+    assert os.path.isfile(tmp_path / "installed" / "disttrain" / "examples" / "digits_mlp.toml")
+    (tmp_path / "elsewhere").mkdir()
+    proc = launch.run([sys.executable, "-m", "disttrain", "train", "--set", "training.epochs=1"], timeout=120,
+                      cwd=tmp_path / "elsewhere", PYTHONPATH=str(tmp_path / "installed"))
+    assert (f"training the bundled default example ({tmp_path / 'installed' / 'disttrain' / 'examples' / 'digits_mlp.toml'})"
+            in proc.stdout)
+    assert "done: 23 steps" in proc.stdout and os.path.isdir(tmp_path / "elsewhere" / "runs" / "digits-mlp")
 
 
 def test_digits_cnn_learns(tmp_path):

@@ -7,6 +7,7 @@ import hashlib
 import json
 import os
 import re
+import shutil
 import traceback
 
 import numpy as np
@@ -43,23 +44,51 @@ def _sha256(path: str) -> str:
 
 
 def _write_npz(path: str, arrays: dict) -> dict:
-    """np.savez to `path`, fsync'd; returns its {"sha256", "bytes"}."""
-    with open(path, "wb") as handle:
-        np.savez(handle, **arrays)
-        handle.flush()
-        os.fsync(handle.fileno())
+    """np.savez to `path`, fsync'd; returns its {"sha256", "bytes"}. An OSError (a full disk, say)
+    becomes a CheckpointError naming the file, what it needed and what was free."""
+    try:
+        with open(path, "wb") as handle:
+            np.savez(handle, **arrays)
+            handle.flush()
+            os.fsync(handle.fileno())
+    except OSError as error:
+        raise CheckpointError(write_error(path, error, sum(np.asarray(a).nbytes for a in arrays.values()))) from None
     return {"sha256": _sha256(path), "bytes": os.path.getsize(path)}
+
+
+def write_error(path: str, error: OSError, needed_bytes: int | None = None) -> str:
+    """One line for an OSError while writing `path`: the file, the system's reason and, when known,
+    how many bytes the write needed and how many the file system has free."""
+    text = f"cannot write {path}: {error.strerror or error}"
+    if needed_bytes is not None:
+        text += f" (it needs about {_size(needed_bytes)}"
+        try:
+            text += f"; {_size(shutil.disk_usage(os.path.dirname(path) or '.').free)} free there)"
+        except OSError:
+            text += ")"
+    return text
+
+
+def _size(count: int) -> str:
+    for unit, scale in (("GiB", 1 << 30), ("MiB", 1 << 20), ("KiB", 1 << 10)):
+        if count >= scale:
+            return f"{count / scale:.1f} {unit}"
+    return f"{count} bytes"
 
 
 def _agree(comm, action, what: str):
     """COLLECTIVE. Run `action()` on this rank; if it raised on any rank, raise CheckpointError on every
-    rank with the first failing rank's message. Returns every rank's result (a list)."""
+    rank with the first failing rank's message. Returns every rank's result (a list). A CheckpointError
+    or OSError is reported as its message alone; anything else also prints its traceback (a bug)."""
     try:
         result, error = action(), None
+    except CheckpointError as exc:
+        result, error = None, str(exc)
+    except OSError as exc:
+        result, error = None, f"{exc.filename}: {exc.strerror or exc}" if exc.filename else f"{exc.strerror or exc}"
     except Exception as exc:  # every failure must reach the other ranks, or they would wait forever
         result, error = None, f"{type(exc).__name__}: {exc}"
-        if not isinstance(exc, CheckpointError):  # ours say what is wrong; anything else needs its traceback
-            comm.error(f"{what} failed:\n{traceback.format_exc().rstrip()}")
+        comm.error(f"{what} failed:\n{traceback.format_exc().rstrip()}")
     outcomes = comm.allgather_object((error, result))
     for rank, (message, _) in enumerate(outcomes):
         if message is not None:

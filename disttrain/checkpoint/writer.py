@@ -8,11 +8,11 @@ import os
 import shutil
 import time
 
-from .files import (FORMAT, FORMAT_VERSION, LATEST, MANIFEST, CheckpointError, _agree, _fsync_dir, _write_npz,
-                    list_checkpoints, step_dirname)
+from .files import (FORMAT, FORMAT_VERSION, LATEST, MANIFEST, CheckpointError, _agree, _fsync_dir, _size,
+                    _write_npz, list_checkpoints, step_dirname, write_error)
 
 
-def _model_state(ddp) -> dict:
+def model_state(ddp) -> dict:
     """{name: array} of every parameter and buffer of the DataParallel's model."""
     if hasattr(ddp.module, "state_dict"):
         return ddp.module.state_dict()
@@ -27,16 +27,21 @@ def save(directory: str, step: int, ddp, optimizer, comm, extra: dict | None = N
     path on every rank, or raises CheckpointError on every rank (then nothing was published)."""
     final = os.path.join(directory, step_dirname(step))
     partial = os.path.join(directory, ".partial-" + step_dirname(step))
-    _agree(comm, lambda: _prepare(directory, partial, comm.rank), f"checkpoint {final}: creating the directory")
-    written = _agree(comm, lambda: _write_rank_files(partial, ddp, optimizer, comm.rank, fault),
-                     f"checkpoint {final}: writing this rank's files")
-    rng_states = comm.allgather_object(extra.get("rng_state") if extra else None)
+    try:
+        _agree(comm, lambda: _prepare(directory, partial, comm.rank), f"checkpoint {final}: creating the directory")
+        written = _agree(comm, lambda: _write_rank_files(partial, ddp, optimizer, comm.rank, fault),
+                         f"checkpoint {final}: writing this rank's files")
+        rng_states = comm.allgather_object(extra.get("rng_state") if extra else None)
 
-    def publish():
-        if comm.rank == 0:
-            manifest = _manifest(step, ddp, comm.size, written, rng_states, extra)
-            _publish(directory, partial, final, manifest, step, keep)
-    _agree(comm, publish, f"checkpoint {final}: publishing")
+        def publish():
+            if comm.rank == 0:
+                manifest = _manifest(step, ddp, comm.size, written, rng_states, extra)
+                _publish(directory, partial, final, manifest, step, keep)
+        _agree(comm, publish, f"checkpoint {final}: publishing")
+    except CheckpointError:
+        if comm.rank == 0:  # every rank is past its writes (each step above is agreed): give the space back
+            shutil.rmtree(partial, ignore_errors=True)
+        raise
     return final
 
 
@@ -60,7 +65,7 @@ def _write_rank_files(partial: str, ddp, optimizer, rank: int, fault) -> dict:
     files, segments, scalars = {}, [], {}
     state = optimizer.state_dict(copy=False)
     if rank == 0:
-        files["model.npz"] = _write_npz(os.path.join(partial, "model.npz"), _model_state(ddp))
+        files["model.npz"] = _write_npz(os.path.join(partial, "model.npz"), model_state(ddp))
     if state["sharded"] or rank == 0:
         name = f"optimizer-part-{rank:05d}.npz"
         arrays = {}
@@ -129,10 +134,14 @@ def _manifest(step: int, ddp, world_size: int, written: list, rng_states: list, 
 def _publish(directory: str, partial: str, final: str, manifest: dict, step: int, keep: int) -> None:
     """On rank 0: the manifest last, one rename to make the checkpoint whole, then `latest`, then pruning."""
     path = os.path.join(partial, MANIFEST)
-    with open(path, "w") as handle:
-        json.dump(manifest, handle, indent=1, sort_keys=True)
-        handle.flush()
-        os.fsync(handle.fileno())
+    text = json.dumps(manifest, indent=1, sort_keys=True)
+    try:
+        with open(path, "w") as handle:
+            handle.write(text)
+            handle.flush()
+            os.fsync(handle.fileno())
+    except OSError as error:
+        raise CheckpointError(write_error(path, error, len(text))) from None
     _fsync_dir(partial)
     if os.path.exists(final):
         shutil.rmtree(final)
@@ -144,10 +153,13 @@ def _publish(directory: str, partial: str, final: str, manifest: dict, step: int
 
 def _point_latest(directory: str, name: str) -> None:
     temporary = os.path.join(directory, LATEST + ".tmp")
-    with open(temporary, "w") as handle:
-        handle.write(name + "\n")
-        handle.flush()
-        os.fsync(handle.fileno())
+    try:
+        with open(temporary, "w") as handle:
+            handle.write(name + "\n")
+            handle.flush()
+            os.fsync(handle.fileno())
+    except OSError as error:
+        raise CheckpointError(write_error(temporary, error, len(name) + 1)) from None
     os.replace(temporary, os.path.join(directory, LATEST))
     _fsync_dir(directory)
 
@@ -169,26 +181,41 @@ def _library_version() -> str:
 
 
 def probe(directory: str, comm, needed_bytes: int) -> None:
-    """COLLECTIVE. Raise CheckpointError on every rank unless `directory` can be created, written and
-    has room for a checkpoint of about `needed_bytes` (checked before training starts)."""
+    """COLLECTIVE, at start-up. Remove what interrupted saves left in `directory` (`.partial-*`
+    directories, `.probe-*` and `latest.tmp` files: no other run writes there, the run directory being
+    locked), then raise CheckpointError on every rank unless `directory` can be created, written and
+    has room for a checkpoint of about `needed_bytes`. The probe file is removed whatever happens."""
     def check():
         if comm.rank != 0:
             return
+        path = os.path.join(directory, f".probe-{os.getpid()}")
         try:
             os.makedirs(directory, exist_ok=True)
-            path = os.path.join(directory, f".probe-{os.getpid()}")
+            remove_leftovers(directory)
             with open(path, "wb") as handle:
                 handle.write(b"\0" * 4096)
                 handle.flush()
                 os.fsync(handle.fileno())
-            os.remove(path)
         except OSError as error:
             raise CheckpointError(f"checkpoint directory {directory!r} is not writable: {error}") from None
+        finally:
+            if os.path.lexists(path):
+                os.remove(path)
         free = shutil.disk_usage(directory).free
         if free < needed_bytes:
-            raise CheckpointError(f"checkpoint directory {directory!r} has {free / 2**20:.1f} MiB free, a "
-                                  f"checkpoint needs about {needed_bytes / 2**20:.1f} MiB")
+            raise CheckpointError(f"checkpoint directory {directory!r} has {_size(free)} free, a checkpoint "
+                                  f"needs about {_size(needed_bytes)}")
     _agree(comm, check, "checkpoint directory check")
+
+
+def remove_leftovers(directory: str) -> None:
+    """Remove the `.partial-*` directories, `.probe-*` files and `latest.tmp` of saves that were cut short."""
+    for name in os.listdir(directory):
+        path = os.path.join(directory, name)
+        if name.startswith(".partial-") and os.path.isdir(path):
+            shutil.rmtree(path, ignore_errors=True)
+        elif name.startswith(".probe-") or name == LATEST + ".tmp":
+            os.remove(path)
 
 
 # --------------------------------------------------------------------------------------------- load

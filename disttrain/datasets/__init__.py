@@ -33,7 +33,28 @@ def load_data(section: dict, comm=None):
     for dataset in (train, test):
         if len(dataset) == 0:
             raise DataError(f"{dataset.name} is empty: no samples to {'train' if dataset is train else 'test'} on")
+    info["description"] += ", " + outputs_summary(info, section, train)
+    info.setdefault("notes", [])
     return train, test, info
+
+
+def outputs_summary(info: dict, section: dict, train) -> str:
+    """What the model must output, in words: "10 classes from labels 0..9" (inferred), "12 classes
+    (data.classes; labels 0..9 seen)" or "1 regression output"."""
+    if info["task"] == "regression":
+        return f"{info['classes']} regression output{'s' if info['classes'] != 1 else ''}"
+    labels = np.asarray(train.labels if train.rows is None else train.labels[train.rows])
+    seen = f"{int(labels.min())}..{int(labels.max())}"
+    if section["classes"]:
+        return f"{info['classes']} classes (data.classes; labels {seen} seen)"
+    return f"{info['classes']} classes from labels {seen}"
+
+
+def require_classification(section: dict, what: str) -> None:
+    """Raise DataError if data.task asks for regression of a data set whose labels are classes."""
+    if section["task"] == "regression":
+        raise DataError(f"data.task = \"regression\" does not fit {what}: its labels are classes (allowed: \"auto\" "
+                        f"or \"classification\")")
 
 
 def split_train_test(features, labels, test_fraction: float, seed: int, name: str, scale=None):
@@ -72,6 +93,7 @@ def count_classes(section: dict, task: str, train_labels: np.ndarray, train_name
             check_labels(test_labels, test_name, classes, why)
         return classes
     inferred = check_labels(train_labels, train_name)
+    check_no_gaps(train_labels, train_name, inferred)
     if test_labels is not None:
         check_labels(test_labels, test_name, inferred,
                      f", the range of the training {train_name}: data.classes = 0 infers the classes "
@@ -93,6 +115,33 @@ def check_labels(labels: np.ndarray, name: str, classes: int | None = None, why:
         allowed = f"0..{classes - 1}" if classes is not None else ">= 0"
         raise DataError(f"{name}: label {bad} is out of range (allowed {allowed}{why})")
     return high + 1
+
+
+def check_no_gaps(labels: np.ndarray, name: str, classes: int) -> None:
+    """Raise DataError if some class in 0..classes-1 never occurs in `labels` (inferred classes only:
+    one stray label 50 among 0/1 labels would otherwise make a 51-class model)."""
+    present, counts = np.unique(labels, return_counts=True)
+    if len(present) == classes:
+        return
+    missing = np.setdiff1d(np.arange(classes), present)
+    rarest = int(present[np.argmin(counts)])
+    raise DataError(f"{name}: classes {_ranges(missing)} never occur among the labels 0..{classes - 1} (label {rarest} "
+                    f"occurs {int(counts.min())} time{'s' if counts.min() != 1 else ''}): a stray label would make a "
+                    f"{classes}-class model. Fix the labels, or set data.classes = {classes} if those classes are "
+                    f"meant to be absent")
+
+
+def _ranges(values) -> str:
+    """Sorted integers as "2..49, 51" (runs of three or more as a range)."""
+    parts, start = [], 0
+    values = [int(v) for v in values]
+    for i in range(1, len(values) + 1):
+        if i == len(values) or values[i] != values[i - 1] + 1:
+            run = values[start:i]
+            parts.append(f"{run[0]}..{run[-1]}" if len(run) >= 3 else ", ".join(map(str, run)))
+            start = i
+    text = ", ".join(parts)
+    return text if len(text) <= 80 else text[:77] + "..."
 
 
 def check_targets(targets: np.ndarray, name: str) -> int:

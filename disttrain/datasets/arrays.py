@@ -18,6 +18,7 @@ from . import DataError, check_finite, count_classes, split_train_test
 
 NPY_MAGIC = b"\x93NUMPY"
 NPZ_MAGIC = b"PK"  # an .npz is a zip archive
+IDX_TYPES = (0x08, 0x09, 0x0B, 0x0C, 0x0D, 0x0E)  # the third byte of an IDX file: its element type
 WHAT = {"data.path": "features", "data.labels": "labels", "data.test_path": "test features",
         "data.test_labels": "test labels"}
 
@@ -26,6 +27,7 @@ def load(section: dict, comm=None):
     """(train, test, info) for [data] name = "npy"; COLLECTIVE with `comm` (see load_data)."""
     features, labels, labels_name = _pair(section, "path", "labels", comm)
     task = "regression" if labels.dtype.kind == "f" else "classification"
+    notes = [_float_classes_note(labels, labels_name)] if section["task"] == "auto" and task == "regression" else []
     if section["test_path"]:
         test_features, test_labels, test_labels_name = _pair(section, "test_path", "test_labels", comm)
         if test_features.shape[1:] != features.shape[1:]:
@@ -43,7 +45,18 @@ def load(section: dict, comm=None):
         train, test = split_train_test(features, labels, section["test_fraction"], section["split_seed"],
                                        f"npy data ({section['path']})")
     return train, test, {"input_shape": tuple(features.shape[1:]), "classes": classes, "task": task,
-                         "description": f"arrays {section['path']}: {len(train)} train / {len(test)} test"}
+                         "description": f"arrays {section['path']}: {len(train)} train / {len(test)} test",
+                         "notes": [note for note in notes if note]}
+
+
+def _float_classes_note(targets: np.ndarray, name: str) -> str | None:
+    """A note when float targets hold only a few whole numbers: probably class labels saved as floats."""
+    values = np.unique(targets[: min(len(targets), 1 << 20)])
+    if len(values) > 20 or not np.all(values == np.round(values)):
+        return None
+    shown = ", ".join(f"{v:g}" for v in values[:10]) + (", ..." if len(values) > 10 else "")
+    return (f"note: {name} are floats holding only the values {shown}: trained as regression targets (MSE); to "
+            f"train them as classes, set data.task = \"classification\" or save them as integers")
 
 
 def open_array(path: str, setting: str, key: str | None = None) -> np.ndarray:
@@ -83,6 +96,10 @@ def numpy_format(path: str, setting: str) -> str:
         return "npy"
     if head.startswith(NPZ_MAGIC):
         return "npz"
+    if len(head) >= 4 and head[:2] == b"\0\0" and head[2] in IDX_TYPES:
+        raise DataError(f"npy data: {path!r} ({setting}) is an IDX file (MNIST format), not numpy: for IDX data set "
+                        f"data.name = \"idx\" and data.path to the directory holding train-images-idx3-ubyte, "
+                        f"train-labels-idx1-ubyte, t10k-images-idx3-ubyte and t10k-labels-idx1-ubyte")
     raise DataError(f"npy data: {path!r} ({setting}) is not a numpy .npy/.npz file (it starts with {head!r}; "
                     f"write it with numpy.save or numpy.savez)")
 
@@ -102,7 +119,7 @@ def _pair(section: dict, path_key: str, labels_key: str, comm):
         labels_name = f"{labels_word} ({labels_setting})"
     if features.ndim < 2:
         raise DataError(f"{name}: features must have shape (samples, ...), got {features.shape} ({features_path})")
-    labels = shaped_labels(labels, labels_name)
+    labels = shaped_labels(labels_for_task(labels, section["task"], labels_name), labels_name)
     if len(features) != len(labels):
         raise DataError(f"{name}: features have {len(features)} rows but labels have {len(labels)} "
                         f"({features_path!r}, {labels_setting or 'y'!r})")
@@ -110,6 +127,22 @@ def _pair(section: dict, path_key: str, labels_key: str, comm):
         raise DataError(f"{name}: features must be numbers, got dtype {features.dtype} ({features_path})")
     check_finite(features, f"{name} features ({features_path})", comm)
     return features, labels, labels_name
+
+
+def labels_for_task(labels, task: str, name: str) -> np.ndarray:
+    """`labels` as data.task wants them: "classification" turns whole-number floats into int64 class
+    labels, "regression" turns integers into float32 targets, "auto" leaves them as they are."""
+    labels = np.asarray(labels)
+    if task == "classification" and labels.dtype.kind == "f":
+        whole = np.isfinite(labels) & (labels == np.round(labels))
+        if not whole.all():
+            index = np.unravel_index(int(np.argmin(whole)), labels.shape)
+            raise DataError(f"{name}: data.task = \"classification\" needs whole-number labels, but row {index[0]} "
+                            f"holds {labels[index]!r}")
+        return labels.astype(np.int64)
+    if task == "regression" and labels.dtype.kind in "iu":
+        return labels.astype(np.float32)
+    return labels
 
 
 def shaped_labels(labels, name: str) -> np.ndarray:

@@ -6,7 +6,7 @@ import os
 
 import numpy as np
 
-from . import count_classes, split_train_test
+from . import count_classes, require_classification, split_train_test
 
 PATH = os.path.join(os.path.dirname(__file__), "digits.csv.gz")
 
@@ -19,6 +19,7 @@ def read_digits():
 
 
 def load(section: dict, comm=None):
+    require_classification(section, "the digits data set")
     images, labels = read_digits()
     classes = count_classes(section, "classification", labels, "digits labels")  # 10 unless data.classes
     train, test = split_train_test(images, labels, section["test_fraction"], section["split_seed"], "digits")

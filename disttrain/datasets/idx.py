@@ -12,7 +12,7 @@ import os
 import numpy as np
 
 from ..data import ArrayDataset
-from . import DataError, check_finite, count_classes
+from . import DataError, check_finite, count_classes, require_classification
 
 _DTYPES = {0x08: np.uint8, 0x09: np.int8, 0x0B: ">i2", 0x0C: ">i4", 0x0D: ">f4", 0x0E: ">f8"}
 
@@ -53,15 +53,25 @@ def _find(directory: str, stem: str) -> str:
 
 
 def load(section: dict, comm=None):
+    require_classification(section, "IDX data")
     directory = section["path"]
+    if directory and os.path.isfile(directory):
+        raise DataError(f"IDX data: data.path = {directory!r} is a file; give the directory that holds "
+                        f"train-images-idx3-ubyte, train-labels-idx1-ubyte, t10k-images-idx3-ubyte and "
+                        f"t10k-labels-idx1-ubyte (each may be gzipped)")
     if not directory or not os.path.isdir(directory):
         raise DataError(f"IDX data: data.path = {directory!r} is not a directory")
     parts, labels_names = {}, {}
     for split in ("train", "t10k"):
-        images = read_idx(_find(directory, f"{split}-images-idx3-ubyte"))
+        images_path = _find(directory, f"{split}-images-idx3-ubyte")
+        images = read_idx(images_path)
+        if images.ndim != 3:
+            what = "one value per sample, as a labels file holds" if images.ndim == 1 else f"shape {images.shape}"
+            raise DataError(f"{images_path}: holds {what}, not images of shape (n, rows, columns): is another "
+                            f"IDX file in its place?")
         labels_path = _find(directory, f"{split}-labels-idx1-ubyte")
         labels = np.asarray(read_idx(labels_path), dtype=np.int64)
-        if images.ndim != 3 or labels.ndim != 1 or len(images) != len(labels):
+        if labels.ndim != 1 or len(images) != len(labels):
             raise DataError(f"IDX data in {directory}: {split} images {images.shape} and labels {labels.shape} "
                             f"do not match (expected (n, rows, columns) and (n,))")
         check_finite(images, f"{split} images ({directory})", comm)  # float IDX files only

@@ -28,9 +28,9 @@ DEFAULT_CLASSES = 10  # data.classes = 0 means "infer from the labels"; generate
 
 def load(section: dict, comm=None):
     classes = section["classes"] or DEFAULT_CLASSES
-    x, y = make(section["samples"], section["features"], classes, section["task"], section["noise"], section["seed"])
+    task = "classification" if section["task"] == "auto" else section["task"]
+    x, y = make(section["samples"], section["features"], classes, task, section["noise"], section["seed"])
     train, test = split_train_test(x, y, section["test_fraction"], section["split_seed"], "synthetic")
-    return train, test, {"input_shape": (section["features"],), "classes": classes,
-                         "task": section["task"],
-                         "description": f"synthetic {section['task']}: {len(train)} train / {len(test)} test, "
+    return train, test, {"input_shape": (section["features"],), "classes": classes, "task": task,
+                         "description": f"synthetic {task}: {len(train)} train / {len(test)} test, "
                                         f"{section['features']} features"}

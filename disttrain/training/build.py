@@ -40,8 +40,8 @@ def build_run(config: dict, comm):
 
 
 def check_model_fits(model, dataset, info: dict, loss_fn=None) -> None:
-    """Raise ValueError unless `model` accepts two samples of `dataset`, outputs info["classes"] values
-    per sample, and `loss_fn` (default: the task's, as build_run chooses) takes that output and the labels."""
+    """Raise ValueError unless `model` accepts two samples of `dataset`, outputs exactly info["classes"]
+    values per sample, and `loss_fn` (default: the task's, as build_run chooses) takes that output and the labels."""
     from ..tensor import Tensor, no_grad
 
     x, labels = dataset[np.arange(min(2, len(dataset)))]
@@ -55,9 +55,13 @@ def check_model_fits(model, dataset, info: dict, loss_fn=None) -> None:
     finally:
         model.train(was_training)
     expected = (len(x), info["classes"])
-    if info["task"] == "classification" and (output.ndim != 2 or output.shape[1] < info["classes"]):
+    if info["task"] == "classification" and (output.ndim != 2 or output.shape[1] != info["classes"]):
+        extra = ""
+        if output.ndim == 2 and output.shape[1] > info["classes"]:  # its extra outputs would never be trained
+            extra = (f"; if labels up to {output.shape[1] - 1} are meant to be possible, set data.classes = "
+                     f"{output.shape[1]}")
         raise ValueError(f"the model outputs shape {output.shape} but the labels need {info['classes']} classes "
-                         f"(labels go up to {info['classes'] - 1}); expected (batch, {info['classes']})")
+                         f"(labels go up to {info['classes'] - 1}); expected (batch, {info['classes']}){extra}")
     if info["task"] == "regression" and output.shape != expected:
         raise ValueError(f"the model outputs shape {output.shape}, the targets need {expected}")
     if loss_fn is None:

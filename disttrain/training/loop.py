@@ -25,9 +25,9 @@ from .. import config as config_module
 from ..distributed import init
 from ..distributed.watchdog import Watchdog
 from ..faults import Faults
-from ..progress import MetricsFile, Progress, epoch_summary, run_banner, step_record
+from ..progress import Progress, epoch_summary, run_banner, step_record
 from ..tensor import Tensor
-from . import evaluation, persistence, signals
+from . import agreement, evaluation, persistence, run_lock, signals
 from .build import build_parts
 from .state import TrainState
 from .step_stats import NonFiniteError, StepStats, raise_agreed
@@ -53,7 +53,10 @@ class Trainer:
         self.opt_cfg, self.train_cfg, self.ckpt_cfg = settings["optimizer"], settings["training"], settings["checkpoint"]
         self.model, self.loss_fn, self.train_data, self.test_data = model, loss_fn, train_data, test_data
         self.task = task or _guess_task(train_data)
-        self.parts = build_parts(model, train_data, comm or init(), self.opt_cfg, self.train_cfg)
+        comm = comm or init()
+        # before anything that could make the ranks' collectives differ (a batch size, a step count)
+        agreement.check_agreement(comm, agreement.run_facts(self.config, train_data, test_data))
+        self.parts = build_parts(model, train_data, comm, self.opt_cfg, self.train_cfg)
         self.comm, self.ddp, self.optimizer = self.parts.comm, self.parts.ddp, self.parts.optimizer
         self.sampler, self.scheduler, self.topology = self.parts.sampler, self.parts.scheduler, self.parts.topology
         self.total_steps, self.steps_per_epoch = self.parts.total_steps, self.parts.steps_per_epoch
@@ -64,7 +67,7 @@ class Trainer:
         self.progress = Progress(self.total_steps, self.comm.rank == 0, self.train_cfg["progress"])
         self.resume_command = resume_command or "Trainer.fit(resume=True) with the same settings"
         self.last_checkpoint_step = self.last_checkpoint_path = None
-        self.last_eval, self.metrics, self.watchdog = {}, None, None
+        self.last_eval, self.metrics, self.watchdog, self.resume_notes = {}, None, None, []
 
     @property
     def step(self) -> int:
@@ -77,15 +80,24 @@ class Trainer:
 
         `resume`: True (or checkpoint.resume) continues from the newest good checkpoint in the
         checkpoint directory if there is one; a path continues from that checkpoint (or directory),
-        which must hold one.
+        which must hold one. The run and checkpoint directories are locked for this run while it
+        lasts (run_lock.py): a second training into them raises RunDirLockedError.
         """
+        lock = run_lock.acquire(self.comm, [("run dir", self.run_dir), ("checkpoint directory", self.checkpoint_dir)],
+                                lambda line: self.progress.line(line, always=True))
+        try:
+            return self._fit(resume)
+        finally:
+            lock.release()
+
+    def _fit(self, resume) -> dict:
         # --- start: the disk must take a checkpoint; continue a saved run if asked; say what runs
         resume = self.ckpt_cfg["resume"] if resume is None else resume
-        ckpt.probe(self.checkpoint_dir, self.comm, persistence.checkpoint_bytes(self.parts))
+        ckpt.probe(self.checkpoint_dir, self.comm, persistence.checkpoint_bytes(self.parts, self.config))
         resumed = self._resume(resume) if resume else None
-        if self.comm.rank == 0:
-            self.metrics = MetricsFile(os.path.join(self.run_dir, "metrics.jsonl"), resumed)
+        self.metrics = persistence.open_metrics(self.comm, os.path.join(self.run_dir, "metrics.jsonl"), resumed)
         self._announce(resumed)
+        first_step, first_skipped = self.state.step, self.state.skipped_steps
         self.watchdog = Watchdog(self.comm, self.train_cfg["watchdog_seconds"])
         handlers = signals.catch_stop_signals()
         started, samples_done, stop = time.perf_counter(), 0, None
@@ -117,10 +129,12 @@ class Trainer:
                 self.progress.line(f"received {stop}: saved checkpoint {self.last_checkpoint_path} at step "
                                    f"{self.state.step}; resume with: {self.resume_command}", always=True)
             else:
+                persistence.refuse_all_skipped(self.state.step - first_step, self.state.skipped_steps - first_skipped)
                 if self.last_eval.get("step") != self.state.step:
                     self._evaluate_and_log()
                 if self._save_due("end"):
                     self._save()
+            persistence.agree_metrics_written(self.comm, self.metrics)
         finally:
             self.ddp.wait_for_parameters()
             signals.restore(handlers)
@@ -167,6 +181,8 @@ class Trainer:
         self.watchdog.step_started(step)
         t0 = time.perf_counter()
         local, failure = self._forward_backward(group, step)
+        if self.metrics is not None and self.metrics.error:  # rank 0 could not write its last record
+            local.failed, failure = 1, self.metrics.error
         t1 = time.perf_counter()
         self.ddp.sync_gradients(grad_scale=1.0)  # every rank, even after a local failure
         local.nonfinite_grads = int(self.optimizer.first_nonfinite_index() is not None)
@@ -308,10 +324,11 @@ class Trainer:
     def _resume(self, resume) -> int | None:
         path = self.checkpoint_dir if resume is True else str(resume)
         info = persistence.resume(path, self.parts, self.state, must_exist=resume is not True,
-                                  warn=lambda message: self.progress.line(message, always=True))
+                                  warn=lambda message: self.progress.line(message, always=True), config=self.config)
         if info is None:
             self.progress.line(f"no checkpoint in {path} yet: starting from the beginning", always=True)
             return None
+        self.resume_notes = info["notes"]
         self.last_checkpoint_path, self.last_checkpoint_step = info["path"], self.state.step
         return self.state.step
 
@@ -323,6 +340,7 @@ class Trainer:
                      if resumed_step < self.total_steps and self.state.epoch < self.train_cfg["epochs"]
                      else "the run is already complete: nothing to train")
             lines.append(f"resumed from {self.last_checkpoint_path} at step {resumed_step} ({where})")
+            lines += self.resume_notes
         elif self.comm.rank == 0 and ckpt.list_checkpoints(self.checkpoint_dir):
             newest = ckpt.list_checkpoints(self.checkpoint_dir)[-1][0]
             lines.append(f"note: {self.checkpoint_dir} holds checkpoints of an earlier run (up to step {newest}); this "

@@ -29,8 +29,8 @@ class TrainState:
             self.epoch_count += count
 
     def end_epoch(self) -> float:
-        """Close the epoch under way; returns its mean training loss."""
-        mean = self.epoch_loss_sum / max(self.epoch_count, 1)
+        """Close the epoch under way; returns its mean training loss (NaN if every step was skipped)."""
+        mean = self.epoch_loss_sum / self.epoch_count if self.epoch_count else float("nan")
         self.epoch += 1
         self.epoch_loss_sum, self.epoch_count = 0.0, 0
         return mean
