@@ -19,7 +19,8 @@ compression mode) against PyTorch DDP (plain, fp16_compress_hook, PowerSGD hook)
    bytes than its gradients need (traffic that did not cross the links) or the exact disttrain run
    failed; exits 2 with a one-line reason where fake hosts cannot run (not root, namespaces refused).
 All hosts share this machine's cores (and tc's shaping costs CPU too): the load is recorded before
-every job; compare ratios from one invocation, not absolute times across invocations.
+every job (--quiet N waits before each round until fewer than N other tasks are runnable); compare
+ratios from one invocation, not absolute times across invocations.
 """
 
 from __future__ import annotations
@@ -64,6 +65,9 @@ def parse_args(argv):
     parser.add_argument("--batch", type=int, default=512, help="global batch")
     parser.add_argument("--fit", action=argparse.BooleanOptionalAction, default=True,
                         help="time the collectives and compare the alpha-beta prediction")
+    parser.add_argument("--quiet", type=float, default=0,
+                        help="before each round wait until fewer other tasks than this are runnable (0: never)")
+    parser.add_argument("--max-wait", type=float, default=600, help="seconds to wait for quiet, each round")
     parser.add_argument("--job-timeout", type=float, default=90,
                         help="seconds before a job is killed; a rank still running 20 s before reports its stack")
     parser.add_argument("--out", default=os.path.join(REPO, "bench-results", "multihost.json"))
@@ -85,6 +89,19 @@ def load_sample(seconds: float = 0.5) -> dict:
         samples.append(int(fields[3].split("/")[0]) - 1)
         time.sleep(0.05)
     return {"loadavg_1min": float(fields[0]), "runnable_others": sum(samples) / len(samples)}
+
+
+def wait_for_quiet(limit: float, max_wait: float) -> dict:
+    """Wait (up to max_wait s) until fewer than `limit` other tasks are runnable on average over 3 s;
+    the last sample (recorded with the round)."""
+    deadline = time.monotonic() + max_wait
+    sample = load_sample(3.0)
+    while sample["runnable_others"] >= limit and time.monotonic() < deadline:
+        print(f"waiting for a quiet machine: {sample['runnable_others']:.1f} other runnable tasks "
+              f"(want < {limit:g})", flush=True)
+        time.sleep(20)
+        sample = load_sample(3.0)
+    return sample
 
 
 def set_rate(hosts, rate: str, burst: str) -> None:
@@ -185,6 +202,8 @@ def benchmark(hosts, systems, args) -> tuple[list, dict]:
             for config in args.configs:
                 crashed = set()  # a system that crashed is not run again at this rate and configuration
                 for round_index in range(args.rounds):
+                    if args.quiet > 0:
+                        wait_for_quiet(args.quiet, args.max_wait)
                     for system in [s for s in systems if s.name not in crashed]:
                         port += 1
                         record = {"rate": rate, "round": round_index,

@@ -145,7 +145,7 @@ def predict_step(parts: dict, fits: dict, bucket_bytes: list, ready_fractions: l
     else:
         exposed = sum(rs)
     step = parts["forward_s"] + backward + exposed + flags + parts["update_s"] + allgather + parts.get("other_s", 0.0)
-    return {"step_s": step, "reduce_scatter_s": sum(rs), "hidden_reduce_scatter_s": sum(rs) - exposed,
+    return {"step_s": step, "reduce_scatter_s": sum(rs), "hidden_reduce_scatter_s": max(0.0, sum(rs) - exposed),
             "allgather_s": allgather}
 
 
