@@ -142,7 +142,8 @@ def short(reason: str | None, limit: int = 160) -> str:
 
 def markdown(data: dict) -> str:
     """The README tables: link rates reached, then per link rate every configuration and system."""
-    lines = ["| tc tbf rate (burst) | one TCP stream reached (payload) | on the wire |", "|---|---|---|"]
+    lines = [f"Note: {note}." for note in data.get("notes", [])] + ([""] if data.get("notes") else [])
+    lines += ["| tc tbf rate (burst) | one TCP stream reached (payload) | on the wire |", "|---|---|---|"]
     for link in data["link_rates"]:
         lines.append(f"| {link['rate']} ({link['burst']}) | {link['payload_gbit_s']:.2f} Gbit/s | "
                      f"{link['wire_gbit_s']:.2f} Gbit/s |")
