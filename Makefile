@@ -9,13 +9,14 @@ STAMP := $(VENV)/.installed
 export MPIEXEC_TIMEOUT ?= 600
 MPI_PYTEST := $(BIN)/mpiexec -n
 
-.PHONY: install run test test-serial test-mpi bench bench-deps soak clean help
+.PHONY: install run test test-serial test-mpi bench bench-deps bench-multihost soak clean help
 
 help:
 	@echo "make run      train the default example (digits MLP, bundled in the package) on 2 ranks"
 	@echo "make test     the whole test suite (serial, then MPI at 2 and 3 ranks)"
 	@echo "make bench    throughput/memory benchmark against hand-written numpy (and PyTorch if installed)"
 	@echo "make bench-deps  install the CPU build of PyTorch for the benchmark's PyTorch columns"
+	@echo "make bench-multihost  disttrain vs PyTorch DDP across 2 fake hosts with 1 Gbit/s links (root)"
 	@echo "make soak     long fault-injection run (random SIGTERM/SIGKILL, resume, compare)"
 	@echo "make install  create .venv with disttrain and its MPI, test extras"
 	@echo "make clean    remove .venv, build files and runs/"
@@ -48,6 +49,15 @@ bench: install
 # PyTorch (CPU build) for the benchmark's DDP columns; the benchmark runs without it and says so
 bench-deps: install
 	$(BIN)/python -m pip install --quiet torch==2.13.0 || $(BIN)/python -m pip install --quiet torch --index-url https://download.pytorch.org/whl/cpu
+
+# disttrain against PyTorch DDP (and each one's compression) across fake hosts whose links tc shapes to
+# 1 Gbit/s (scripts/bench_multihost/run.py --help lists the options, e.g. ARGS="--rates 1gbit,10gbit").
+# Needs root (network namespaces): the first line says why not, and the target fails, where it cannot run.
+# Without PyTorch (no wheel reachable) the disttrain systems run alone and the results say so.
+bench-multihost: install
+	$(BIN)/python scripts/bench_multihost/run.py --check
+	$(MAKE) --no-print-directory bench-deps || echo "bench-multihost: PyTorch could not be installed; its systems are left out"
+	PATH=$(abspath $(BIN)):$$PATH $(BIN)/python scripts/bench_multihost/run.py $(ARGS)
 
 # long fault-injection run: random SIGTERM/SIGKILL of random ranks, resume, compare (see scripts/soak.py)
 soak: install

@@ -11,6 +11,16 @@ ones (1 MB and up), then alpha = A / (k (p - 1)) and beta = B / (k (p - 1)/p) wi
 1 otherwise. One ZeRO-1 step communicates reduce_scatter + allgather per bucket plus one 40-byte stats
 allreduce; the predicted step is the slowest rank's forward+backward plus that predicted communication
 plus the optimizer and bookkeeping as measured.
+
+Overlap (DataParallel(overlap=True)): a bucket's reduce-scatter starts once backward has produced all
+its gradients, buckets from the last to the first, one at a time on one thread. `predict_step` takes
+forward, backward and update times measured without overlap and schedules the reduce-scatters:
+    step = forward + max(backward, end of the last reduce-scatter) + update + allgather
+where a bucket is ready when backward has reached its first parameter (backward time taken as
+proportional to parameter elements, as an MLP's matmuls are). In the two limits this is
+forward + max(backward, RS of all buckets but the last-launched) + RS of the last-launched + ...
+(communication-bound) and forward + backward + RS of the last-launched + ... (compute-bound). With one
+bucket (the 25 MB default and the benchmark MLP's 7.5 MB of gradients) nothing overlaps.
 """
 
 from __future__ import annotations
@@ -81,6 +91,62 @@ def predicted_comm(fits: dict, bucket_bytes: list) -> float:
     for nbytes in bucket_bytes:
         seconds += sum(fits[c]["A"] + fits[c]["B"] * nbytes for c in ("reduce_scatter", "allgather"))
     return seconds
+
+
+def bucket_ready_fractions(param_elements: list, bucket_elements: list) -> list:
+    """For each bucket (flat order), the fraction of backward done when all its gradients exist.
+
+    Parameters lie in the flat buffer in forward order and backward produces them last to first, in a
+    time taken as proportional to their elements: parameter i is done at (elements of i..last) / total,
+    and a bucket when the first parameter overlapping it is (padding-only buckets: at once)."""
+    total = sum(param_elements)
+    done_at, remaining = [], total
+    for elements in param_elements:
+        done_at.append(remaining / total)
+        remaining -= elements
+    fractions, lo = [], 0
+    for length in bucket_elements:
+        starts, first = 0, None
+        for index, elements in enumerate(param_elements):
+            if starts < lo + length and starts + elements > lo:
+                first = index
+                break
+            starts += elements
+        fractions.append(done_at[first] if first is not None else 0.0)
+        lo += length
+    return fractions
+
+
+def overlapped_sync_end(backward_s: float, ready_fractions: list, rs_seconds: list) -> float:
+    """Seconds after backward starts when the last bucket's reduce-scatter ends: buckets launched from
+    the last to the first, each once it is ready (ready_fractions x backward_s) and the one before it
+    has finished (one communication thread)."""
+    end = 0.0
+    for ready, seconds in zip(reversed(ready_fractions), reversed(rs_seconds)):
+        end = max(end, ready * backward_s) + seconds
+    return end
+
+
+def predict_step(parts: dict, fits: dict, bucket_bytes: list, ready_fractions: list, overlap: bool) -> dict:
+    """Predicted step of the low-level ZeRO-1 loop from its compute parts and the fitted collectives.
+
+    `parts`: forward_s, backward_s (pure compute: measured without overlap), update_s (Adam on the
+    shard) and other_s (the rest). Without overlap: forward + backward + reduce-scatter of every bucket +
+    one small allreduce (which parameters had gradients) + update + allgather of every bucket + other.
+    With overlap the reduce-scatters run as scheduled by overlapped_sync_end. Returns the step and its
+    pieces (reduce_scatter_s in all, hidden_reduce_scatter_s the part that ran during backward)."""
+    rs = [fits["reduce_scatter"]["A"] + fits["reduce_scatter"]["B"] * n for n in bucket_bytes]
+    allgather = sum(fits["allgather"]["A"] + fits["allgather"]["B"] * n for n in bucket_bytes)
+    flags = fits["allreduce"]["A"]
+    backward = parts["backward_s"]
+    if overlap:
+        sync_end = overlapped_sync_end(backward, ready_fractions, rs)
+        exposed = max(0.0, sync_end - backward)
+    else:
+        exposed = sum(rs)
+    step = parts["forward_s"] + backward + exposed + flags + parts["update_s"] + allgather + parts.get("other_s", 0.0)
+    return {"step_s": step, "reduce_scatter_s": sum(rs), "hidden_reduce_scatter_s": max(0.0, sum(rs) - exposed),
+            "allgather_s": allgather}
 
 
 def compare_training(run: dict, fits: dict) -> dict:

@@ -4,7 +4,8 @@ mpiexec (e.g. on fake hosts).
     mpiexec -n 2 python scripts/scaling/train_steps.py --hidden 1024,1024 --steps 30 --run-dir RUN
 
 The workload is the benchmark's: 784 -> hidden... -> 10, ReLU, softmax cross-entropy, float32, global
-batch 512, Adam, ZeRO-1 with reduce-scatter (optimizer.sharded, the default), one BLAS thread per rank.
+batch 512, Adam, ZeRO-1 with reduce-scatter (optimizer.sharded, the default), one BLAS thread per rank,
+gradient communication not overlapped with backward (so that compute_s is forward + backward alone).
 It goes through disttrain's own Trainer (the loop `disttrain train` runs) with the communicator chosen
 here: the world's (flat) or, with --hierarchical, HierarchicalComm around it. Rank 0 prints one JSON
 line: medians over the steps after --warmup of step_s, compute_s (forward + backward), comm_s (gradient
@@ -63,7 +64,9 @@ def main(argv=None) -> int:
         "model": {"name": "mlp", "hidden": [int(width) for width in args.hidden.split(",")]},
         "data": {"name": "synthetic", "samples": args.batch * (args.steps + 1), "features": 784, "classes": 10,
                  "test_fraction": 1 / (args.steps + 1)},
-        "optimizer": {"name": "adam", "lr": 1e-3, "sharded": True, "strategy": "reduce_scatter"},
+        # overlap off: the model needs forward+backward apart from the gradient collectives (with overlap
+        # they would run inside backward); fit_model.predict_step adds the overlap on top of these parts
+        "optimizer": {"name": "adam", "lr": 1e-3, "sharded": True, "strategy": "reduce_scatter", "overlap": False},
         "training": {"epochs": 1, "max_steps": args.steps, "batch_size": args.batch, "log_every": 1,
                      "threads": args.threads, "progress": "none", "run_dir": args.run_dir},
         "checkpoint": {"every_steps": 0, "every_epochs": 0},
@@ -80,7 +83,7 @@ def main(argv=None) -> int:
         steps = list(zip(*per_rank))  # steps[i][r]: rank r's (step_s, compute_s, comm_s, optimizer_s) at step i
         layout = trainer.ddp.layout
         summary = {"world_size": world.size, "nodes": trainer.topology["nodes"],
-                   "ranks_per_node": trainer.topology["local_size"], "hierarchical": args.hierarchical,
+                   "ranks_per_node": trainer.topology["local_size"], "hierarchical": args.hierarchical, "overlap": False,
                    "hidden": config["model"]["hidden"], "batch": args.batch, "steps_measured": len(records),
                    "parameters": sum(p.data.size for p in trainer.ddp.parameters()),
                    "padded_elements": layout.padded_total, "bucket_elements": [hi - lo for lo, hi in layout.buckets],
