@@ -4,7 +4,8 @@
     opt = ShardedOptimizer(dt.optim.Adam, ddp.parameters(), comm, lr=1e-3)
     loss = dt.nn.SoftmaxLoss()(ddp(dt.Tensor(x_local)), y_local); loss.backward(); opt.step(); opt.reset_grad()
 
-The system's options go to DataParallel unchanged. When this build rejects one (TypeError for an unknown
+The system's options go to DataParallel unchanged, but for `shard` and `lazy_gather`, which go to
+ShardedOptimizer. When this build rejects one (TypeError for an unknown
 keyword, ValueError for an unknown value) the system is Unavailable, with the library's own message.
 """
 
@@ -35,12 +36,15 @@ class DisttrainRun:
             linear.bias.data[...] = bias
             layers += [linear] if index == len(initial) - 1 else [linear, dt.nn.ReLU()]
         model = dt.nn.Sequential(*layers)
+        options = dict(system.options)
+        optimizer_options = {key: options.pop(key) for key in ("shard", "lazy_gather") if key in options}
         try:
-            self.ddp = DataParallel(model, self.comm, **system.options)
+            self.ddp = DataParallel(model, self.comm, **options)
+            self.optimizer = ShardedOptimizer(dt.optim.Adam, self.ddp.parameters(), self.comm, lr=workload.lr,
+                                              **optimizer_options)
         except (TypeError, ValueError) as error:
-            raise Unavailable(f"DataParallel rejects {_options_text(system.options)}: "
+            raise Unavailable(f"DataParallel/ShardedOptimizer reject {_options_text(system.options)}: "
                               f"{type(error).__name__}: {error}") from None
-        self.optimizer = ShardedOptimizer(dt.optim.Adam, self.ddp.parameters(), self.comm, lr=workload.lr)
         self.loss_fn = dt.nn.SoftmaxLoss()
 
     def step(self, x: np.ndarray, y: np.ndarray) -> dict:

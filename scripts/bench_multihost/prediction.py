@@ -12,8 +12,7 @@ sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(
 import fit_model  # noqa: E402
 
 # system -> the system without overlap whose compute parts predict it (same buckets)
-COMPUTE_FROM = {"disttrain": "disttrain-no-overlap", "disttrain-no-overlap": "disttrain-no-overlap",
-                "disttrain-2mb": "disttrain-2mb-no-overlap", "disttrain-2mb-no-overlap": "disttrain-2mb-no-overlap"}
+COMPUTE_FROM = {"disttrain": "disttrain-no-overlap", "disttrain-no-overlap": "disttrain-no-overlap"}
 
 
 def compute_parts(result: dict) -> dict:

@@ -25,15 +25,20 @@ class System:
 
 
 SYSTEMS = {system.name: system for system in (
-    System("disttrain", "disttrain exact, overlap on", "disttrain", {}),
+    System("disttrain", "disttrain exact (overlap, lazy gather: the Trainer's defaults)", "disttrain",
+           {"lazy_gather": True}),
     System("disttrain-no-overlap", "disttrain exact, overlap off", "disttrain", {"overlap": False}),
-    System("disttrain-bf16", "disttrain bf16", "disttrain", {"compression": "bf16"}, "16bit"),
-    System("disttrain-fp16", "disttrain fp16", "disttrain", {"compression": "fp16"}, "16bit"),
+    System("disttrain-bf16", "disttrain bf16", "disttrain", {"compression": "bf16", "lazy_gather": True}, "16bit"),
+    System("disttrain-fp16", "disttrain fp16", "disttrain", {"compression": "fp16", "lazy_gather": True}, "16bit"),
+    # replicated (shard=False, allreduce): the 16-bit sums travel back too, instead of float32 parameters
+    System("disttrain-bf16-replicated", "disttrain bf16, replicated optimizer", "disttrain",
+           {"compression": "bf16", "strategy": "allreduce", "shard": False}, "16bit"),
+    # one bucket, so that every weight lies whole in a bucket and is compressed
     System("disttrain-powersgd", "disttrain PowerSGD r4", "disttrain",
-           {"compression": "powersgd", "powersgd_rank": 4}, "lowrank", rank=4),
-    System("disttrain-2mb", "disttrain exact, 2 MB buckets, overlap on", "disttrain", {"bucket_mb": 2.0}),
-    System("disttrain-2mb-no-overlap", "disttrain exact, 2 MB buckets, overlap off", "disttrain",
-           {"bucket_mb": 2.0, "overlap": False}),
+           {"compression": "powersgd", "powersgd_rank": 4, "bucket_mb": 25.0, "lazy_gather": True}, "lowrank", rank=4),
+    System("disttrain-powersgd-replicated", "disttrain PowerSGD r4, replicated optimizer", "disttrain",
+           {"compression": "powersgd", "powersgd_rank": 4, "bucket_mb": 25.0, "strategy": "allreduce", "shard": False},
+           "lowrank", rank=4),
     System("torch-ddp", "torch DDP (gloo)", "torch", {"hook": None}),
     System("torch-ddp-fp16", "torch DDP + fp16_compress_hook", "torch", {"hook": "fp16"}, "16bit"),
     System("torch-ddp-powersgd", "torch DDP + PowerSGD hook r4", "torch", {"hook": "powersgd", "rank": 4},
