@@ -138,6 +138,23 @@ class MPIComm(Communicator):
         """COLLECTIVE. A communicator of the ranks that share this node's memory, in this one's rank order."""
         return MPIComm(self.comm.Split_type(self.MPI.COMM_TYPE_SHARED, key=self.rank))
 
+    # --- point-to-point, non-blocking: for the watchdog's heartbeats (liveness.py), never collectives
+    def send_nowait(self, buffer: np.ndarray, dest: int, tag: int = 0):
+        """Start sending `buffer` to rank `dest`; returns the request (Test() -> done, Cancel, Wait).
+        `buffer` must stay untouched until the request is done."""
+        _check_buffer("send_nowait", buffer)
+        return self.comm.Isend(buffer, dest=dest, tag=tag)
+
+    def receive_nowait(self, buffer: np.ndarray, source: int, tag: int = 0):
+        """Start receiving a message from rank `source` into `buffer`; returns the request."""
+        _check_buffer("receive_nowait", buffer)
+        return self.comm.Irecv(buffer, source=source, tag=tag)
+
+    def raise_on_errors(self) -> None:
+        """Make an MPI error on this communicator raise (mpi4py's MPI.Exception) instead of aborting the
+        job inside MPI, so that the caller can say what failed."""
+        self.comm.Set_errhandler(self.MPI.ERRORS_RETURN)
+
     def allgather_object(self, value):
         with self._inside("allgather_object"):
             result = self.comm.allgather(value)
