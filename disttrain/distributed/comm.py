@@ -134,7 +134,9 @@ class Communicator:
     def error(self, message: str) -> None:
         """Print an error line from this rank, prefixed with the rank, to stderr."""
         prefix = f"[rank {self.rank}] " if self.size > 1 else ""
-        print("\n".join(prefix + line for line in str(message).splitlines() or [""]), file=sys.stderr, flush=True)
+        # one write, newline included: lines of ranks that fail together must not run into each other
+        sys.stderr.write("".join(prefix + line + "\n" for line in str(message).splitlines() or [""]))
+        sys.stderr.flush()
 
     @contextlib.contextmanager
     def _inside(self, name: str):

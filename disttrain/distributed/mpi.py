@@ -12,13 +12,17 @@ background thread, 161-176 ms when that thread instead polled MPI_Test with slee
 
 from __future__ import annotations
 
+import os
 import socket
 import sys
+import threading
 import time
 
 import numpy as np
 
 from .comm import Communicator, _check_buffer, _check_op
+
+ABORT_BACKSTOP_SECONDS = 2.0  # after MPI_Abort, a process still alive this long ends itself
 
 
 class MPIComm(Communicator):
@@ -171,6 +175,12 @@ class MPIComm(Communicator):
         # hydra's proxy can tear the job down before forwarding what was just printed (seen: a job's
         # whole stderr lost, ~1 in 100 fast failures under load); give it a moment to pass it on
         time.sleep(0.25)
+        # MPI_Abort may never return nor end this process: under `srun` that is already terminating the
+        # step (--kill-on-bad-exit after a rank died) it waits for SLURM's KillWait (30 s) to SIGKILL it
+        # (measured). Exiting ourselves ends this task, which is what srun is waiting for.
+        backstop = threading.Timer(ABORT_BACKSTOP_SECONDS, os._exit, args=(code,))
+        backstop.daemon = True
+        backstop.start()
         self.comm.Abort(code)
 
     def library_version(self):
