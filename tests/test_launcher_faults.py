@@ -12,8 +12,10 @@ import shlex
 import shutil
 import subprocess
 import sys
+import time
 
 import pytest
+from fakehosts_fixture import make_fake_hosts  # noqa: F401
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, os.path.join(REPO, "scripts"))
@@ -129,3 +131,34 @@ def test_auto_progress_writes_plain_lines_under_mpiexec_even_on_a_terminal(tmp_p
     text = _under_a_terminal([mpiexec, "-n", "2", *_train_command(tmp_path)], tmp_path)
     assert "step 10/" in text, text[-2000:]
     assert "\r[" not in text and "\033[" not in text, text[-2000:]
+
+
+# ---------------------------------------------------------------------------- a link goes down
+def test_a_link_taken_down_ends_the_job_through_heartbeats_naming_the_unreachable_ranks(make_fake_hosts, tmp_path):
+    # the default watchdog (auto) allows 60 s a step at least: the heartbeats end it in ~10 s
+    hosts = make_fake_hosts(2)
+    run_dir = tmp_path / "run"
+    argv = [sys.executable, "-m", "disttrain", "train", os.path.join(REPO, "examples", "digits_mlp.toml"),
+            "--run-dir", str(run_dir), "--set", "training.epochs=400", "--set", "checkpoint.every_steps=20",
+            "--set", 'training.progress="none"']
+    job = hosts.start_mpiexec(argv, ranks_per_host=2, timeout=90, mpiexec_timeout=60, cwd=REPO,
+                              env={"OMP_NUM_THREADS": "1"})
+    deadline = time.monotonic() + 60
+    while not (run_dir / "checkpoints" / "step-00000040").exists():
+        assert job.poll() is None, job.stdout.read().decode(errors="replace")
+        assert time.monotonic() < deadline, "step 40 not reached within 60 s"
+        time.sleep(0.02)
+    cut_at = time.monotonic()
+    hosts.link_down(1)
+    output = job.communicate(timeout=90)[0].decode(errors="replace")
+    ended_after = time.monotonic() - cut_at
+    assert job.returncode not in (0, 124, 137), output  # 124/137: `timeout` had to kill it
+    assert "TIMED OUT" not in output, output  # nor did hydra's MPIEXEC_TIMEOUT
+    liveness = [line for line in output.splitlines() if line.startswith("[rank 0] liveness: ")]
+    assert len(liveness) == 1 and "rank 2 silent for " in liveness[0] and "rank 3 silent for " in liveness[0], output
+    assert ended_after < 30, f"ended {ended_after:.1f} s after the cut:\n{output}"
+    hosts.link_up(1)  # host 1's ranks learn that the job ended once they can hear of it
+    deadline = time.monotonic() + 20
+    while hosts.processes(1) and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert not hosts.processes(1), "host 1's ranks outlived the job by 20 s after the link came back"

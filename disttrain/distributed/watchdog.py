@@ -32,6 +32,7 @@ AUTO_FLOOR, AUTO_FACTOR = 60.0, 20.0
 SILENCE_SECONDS = 10.0
 SILENCE_WHEN_STOPPING = 3.0  # a launcher that signals while a peer is silent is tearing the job down
 SIGNAL_GRACE = 10.0
+QUIET_SECONDS = 1.0  # a peer unheard for this long (4 heartbeats) is named with the one that went silent
 
 
 class StepLimit:
@@ -161,9 +162,10 @@ class Watchdog:
         if self.heartbeats is None or self._waited() < self.poll:
             return None
         limit = SILENCE_WHEN_STOPPING if self._stop_since is not None else self.silence
-        silent = self.heartbeats.silent(limit)
-        if not silent:
+        if not self.heartbeats.silent(limit):
             return None
+        # name every peer gone quiet, not only the first past the limit (a link down silences several)
+        silent = self.heartbeats.silent(min(limit, QUIET_SECONDS))
         names = "; ".join(f"rank {peer} silent for {seconds:.1f} s (last: {self.heartbeats.last_state(peer)})"
                           for peer, seconds in silent)
         received = f" after {self._stop_name}" if self._stop_name else ""
