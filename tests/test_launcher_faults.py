@@ -63,6 +63,15 @@ def test_a_stop_signal_while_a_peer_is_silent_ends_the_job_sooner_and_says_so(tm
     assert outcome.checkpoint_step is None
 
 
+def test_without_heartbeats_a_stop_signal_while_blocked_still_ends_the_job_after_a_grace(tmp_path):
+    # training.watchdog_seconds = 0: no step limit and no heartbeats; the signal is still acted on
+    outcome = run_case("mpiexec", "stop-rank-TERM", 2, tmp_path, start_step=10,
+                       settings=["training.watchdog_seconds=0"])
+    assert outcome.exit_code != 0 and outcome.seconds < QUICK, outcome.summary()
+    assert "[rank 0] received SIGTERM, but this rank has waited " in outcome.stderr, outcome.stderr
+    assert "liveness" not in outcome.stderr
+
+
 # ------------------------------------------------------------------------------------- Ctrl-C
 @pytest.mark.parametrize("launcher, fault, ranks", [("none", "INT-group", 1), ("mpiexec", "INT-group", 2),
                                                     ("mpiexec", "INT", 2)])

@@ -170,3 +170,20 @@ def test_heartbeats_carry_each_rank_state_to_rank_0_and_rank_0_state_to_every_ra
     assert all(state.startswith("step 7, ") for state in states.values()), states
     assert silent == []
     assert np.isfinite(comm.allreduce(np.ones(1)))[0]  # the world still works after close
+
+
+def test_restoring_the_handlers_gives_back_a_wakeup_fd_set_before():
+    read_end, write_end = os.pipe()
+    os.set_blocking(write_end, False)
+    before = signal.set_wakeup_fd(write_end)
+    try:
+        handlers = signals.catch_stop_signals()
+        ours = signal.set_wakeup_fd(-1)
+        signal.set_wakeup_fd(ours)
+        assert ours not in (-1, write_end)
+        signals.restore(handlers)
+        assert signal.set_wakeup_fd(write_end) == write_end
+    finally:
+        signal.set_wakeup_fd(before)
+        os.close(read_end)
+        os.close(write_end)

@@ -22,6 +22,7 @@ INTERRUPT_EXIT_CODE = 130  # 128 + SIGINT, what a shell reports for a job ended 
 
 _pending = None  # the first stop signal received by this process and not yet acted on
 _wakeup = None  # (read end, write end) of the pipe the C-level handler writes each signal number to
+_other_wakeup = -1  # the wakeup fd that was set before ours
 _ending = threading.Lock()  # taken by the one thread that ends the job on a second interrupt
 
 
@@ -48,7 +49,10 @@ def catch_stop_signals(abort=None) -> dict:
         os.set_blocking(write_end, False)
         _wakeup = (read_end, write_end)
     previous = {sig: signal.signal(sig, _record) for sig in STOP_SIGNALS}
-    signal.set_wakeup_fd(_wakeup[1], warn_on_full_buffer=False)
+    replaced = signal.set_wakeup_fd(_wakeup[1], warn_on_full_buffer=False)
+    if replaced != _wakeup[1]:
+        global _other_wakeup
+        _other_wakeup = replaced  # someone else's (an asyncio loop's, say): given back by restore()
     return previous
 
 
@@ -58,7 +62,7 @@ def restore(handlers: dict) -> None:
     for sig, handler in handlers.items():
         signal.signal(sig, handler)
     if not any(signal.getsignal(sig) is _record for sig in STOP_SIGNALS):
-        signal.set_wakeup_fd(-1)
+        signal.set_wakeup_fd(_other_wakeup)
 
 
 def ignore_stop_signals() -> None:
