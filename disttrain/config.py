@@ -160,7 +160,8 @@ SCHEMA = {
         "check_replicas_every": Field("int", 0, "verify parameters are bit-identical on all ranks every "
                                       "this many steps (0: off)", low=0),
         "threads": Field("int", 0, "BLAS threads per rank (0: cores on the node / ranks on the node)", low=0),
-        "progress": Field("str", "auto", "progress display on rank 0", choices=("auto", "bar", "lines", "none")),
+        "progress": Field("str", "auto", "progress display on rank 0; auto: a live bar when stdout is a terminal "
+                          "(never under Open MPI, whose ranks always get one), else lines", choices=("auto", "bar", "lines", "none")),
     },
     "checkpoint": {
         "every_steps": Field("int", 0, "save every this many steps (0: off)", low=0),
