@@ -18,7 +18,9 @@ Faults: `kill-rank` / `stop-rank` (SIGKILL / SIGSTOP the last rank), `stop-rank0
 silent), `TERM` / `USR1` / `INT` (that signal
 to the launcher process), `INT-group` (SIGINT to the launcher's whole process group, as Ctrl-C in a
 terminal does), `INT-twice` (that, twice, 0.5 s apart), `INT-ranks-twice` (SIGINT to every rank itself,
-twice, 0.5 s apart: what the ranks do with a second interrupt, whatever the launcher does).
+twice, 0.5 s apart: what the ranks do with a second interrupt, whatever the launcher does). For the
+double Ctrl-C cases rank 0 sleeps 5 s a step, and the fault comes at step 1, so that the second
+interrupt lands before the first one's checkpoint.
 
 Tests import `run_case` (tests/test_launcher_faults.py, tests/test_slurm.py, tests/test_openmpi.py).
 """
@@ -74,8 +76,8 @@ every_epochs = 0
 
 @dataclasses.dataclass
 class Outcome:
-    """What one case did. `seconds`: from the fault to the launcher's exit (None: still running after the
-    timeout, then killed); `checkpoint_step`: the step of the checkpoint the job wrote (None: none)."""
+    """What one case did. `seconds`: from the fault (its last signal, for a double one) to the launcher's
+    exit (None: still running after the timeout, then killed); `checkpoint_step`: the step of the checkpoint the job wrote (None: none)."""
 
     launcher: str
     fault: str
@@ -163,35 +165,41 @@ def checkpoint_step(run_dir: str) -> int | None:
         return int(handle.read().strip().split("-")[1])
 
 
+def _send(pid: int, sig, group: bool = False) -> None:
+    """Signal `pid` (its process group with `group`); one that has already exited is no error: a job
+    may end between the two signals of a double Ctrl-C."""
+    try:
+        (os.killpg if group else os.kill)(pid, sig)
+    except ProcessLookupError:
+        pass
+
+
 def inject(fault: str, process: subprocess.Popen, ranks: dict) -> None:
     """Do `fault` to the running job (its launcher `process`, its {rank: pid})."""
     last = ranks[max(ranks)]
     if fault == "kill-rank":
-        os.kill(last, signal.SIGKILL)
+        _send(last, signal.SIGKILL)
     elif fault == "stop-rank":
-        os.kill(last, signal.SIGSTOP)
+        _send(last, signal.SIGSTOP)
     elif fault == "stop-rank0":
-        os.kill(ranks[0], signal.SIGSTOP)
+        _send(ranks[0], signal.SIGSTOP)
     elif fault == "stop-rank-TERM":
-        os.kill(last, signal.SIGSTOP)
+        _send(last, signal.SIGSTOP)
         time.sleep(0.5)
         for rank, pid in ranks.items():
             if pid != last:
-                os.kill(pid, signal.SIGTERM)
+                _send(pid, signal.SIGTERM)
     elif fault in ("TERM", "USR1", "INT"):
-        os.kill(process.pid, getattr(signal, "SIG" + fault))
+        _send(process.pid, getattr(signal, "SIG" + fault))
     elif fault in ("INT-group", "INT-twice"):
-        os.killpg(process.pid, signal.SIGINT)
+        _send(process.pid, signal.SIGINT, group=True)
         if fault == "INT-twice":
             time.sleep(0.5)
-            try:
-                os.killpg(process.pid, signal.SIGINT)
-            except ProcessLookupError:
-                pass
+            _send(process.pid, signal.SIGINT, group=True)
     elif fault == "INT-ranks-twice":
         for _ in range(2):
             for pid in ranks.values():
-                os.kill(pid, signal.SIGINT)
+                _send(pid, signal.SIGINT)
             time.sleep(0.5)
     else:
         raise ValueError(f"fault must be one of {FAULTS}, got {fault!r}")
@@ -326,8 +334,10 @@ def main(argv=None) -> int:
             for fault in faults:
                 if launcher == "none" and fault.startswith(("kill-rank", "stop-rank")):
                     continue
+                # a double Ctrl-C must land inside a step: rank 0 sleeps 5 s a step there
+                slow = {"start_step": 1, "DISTTRAIN_FAULT": "sleep:0:*:5"} if fault.endswith("twice") else {}
                 outcome = run_case(launcher, fault, args.ranks, args.timeout, cluster=cluster,
-                                   openmpi_python=args.openmpi_python, settings=args.set)
+                                   openmpi_python=args.openmpi_python, settings=args.set, **slow)
                 ended = f"{outcome.seconds:.1f} s" if outcome.seconds is not None else f"> {args.timeout:g} s"
                 print(f"| {launcher} | {fault} | {outcome.ranks} | {ended} | {outcome.exit_code} | "
                       f"{outcome.checkpoint_step if outcome.checkpoint_step is not None else 'none'} | "
