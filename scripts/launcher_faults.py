@@ -77,7 +77,8 @@ every_epochs = 0
 @dataclasses.dataclass
 class Outcome:
     """What one case did. `seconds`: from the fault (its last signal, for a double one) to the launcher's
-    exit (None: still running after the timeout, then killed); `checkpoint_step`: the step of the checkpoint the job wrote (None: none)."""
+    exit (None: still running after the timeout, then killed); `checkpoint_step`: the step of the
+    checkpoint the job wrote (None: none)."""
 
     launcher: str
     fault: str

@@ -68,7 +68,7 @@ def test_without_heartbeats_a_stop_signal_while_blocked_still_ends_the_job_after
     outcome = run_case("mpiexec", "stop-rank-TERM", 2, tmp_path, start_step=10,
                        settings=["training.watchdog_seconds=0"])
     assert outcome.exit_code != 0 and outcome.seconds < QUICK, outcome.summary()
-    assert "[rank 0] received SIGTERM, but this rank has waited " in outcome.stderr, outcome.stderr
+    assert "[rank 0] received SIGTERM, but this rank has waited in a collective for " in outcome.stderr, outcome.stderr
     assert "liveness" not in outcome.stderr
 
 

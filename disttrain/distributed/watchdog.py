@@ -179,8 +179,8 @@ class Watchdog:
         waited = min(self._waited(), time.monotonic() - self._stop_since)
         if waited <= grace:
             return None
-        return (f"received {self._stop_name}, but this rank has waited {waited:.1f} s since in a collective ({self.state()}): "
-                f"a peer is gone or stuck, so no checkpoint can be agreed. Aborting the job.", 0.5)
+        return (f"received {self._stop_name}, but this rank has waited in a collective for {waited:.1f} s since "
+                f"({self.state()}): a peer is gone or stuck, so no checkpoint can be agreed. Aborting the job.", 0.5)
 
     def _over_limit(self):
         step = self._step
