@@ -9,11 +9,12 @@ STAMP := $(VENV)/.installed
 export MPIEXEC_TIMEOUT ?= 600
 MPI_PYTEST := $(BIN)/mpiexec -n
 
-.PHONY: install run test test-serial test-mpi bench bench-deps bench-multihost soak clean help
+.PHONY: install run test test-serial test-mpi test-openmpi bench bench-deps bench-multihost soak clean help
 
 help:
 	@echo "make run      train the default example (digits MLP, bundled in the package) on 2 ranks"
 	@echo "make test     the whole test suite (serial, then MPI at 2 and 3 ranks)"
+	@echo "make test-openmpi  the MPI tests and launcher tests under Debian's Open MPI (apt, own venv)"
 	@echo "make bench    throughput/memory benchmark against hand-written numpy (and PyTorch if installed)"
 	@echo "make bench-deps  install the CPU build of PyTorch for the benchmark's PyTorch columns"
 	@echo "make bench-multihost  disttrain vs PyTorch DDP across 2 fake hosts with 1 Gbit/s links (root)"
@@ -34,13 +35,25 @@ run: install
 
 test: test-serial test-mpi
 
+# tests/test_openmpi.py runs in test-openmpi, with the Python built for it
 test-serial: install
-	PATH=$(abspath $(BIN)):$$PATH $(BIN)/python -m pytest -q tests
+	PATH=$(abspath $(BIN)):$$PATH $(BIN)/python -m pytest -q tests --ignore=tests/test_openmpi.py
 
 # --only-mpi alone: with --with-mpi too, pytest-mpi 0.6 runs the serial tests on every rank as well
 test-mpi: install
 	PATH=$(abspath $(BIN)):$$PATH $(MPI_PYTEST) 2 $(BIN)/python -m pytest -q -p no:cacheprovider --only-mpi tests
 	PATH=$(abspath $(BIN)):$$PATH $(MPI_PYTEST) 3 $(BIN)/python -m pytest -q -p no:cacheprovider --only-mpi tests
+
+# Open MPI 4.1 from Debian, mpi4py built against it in $(OPENMPI_VENV) (scripts/openmpi_venv.sh): the MPI
+# tests at 2 ranks under its mpirun, then what mpirun does with failing, dead and stopped ranks and signals
+OPENMPI_VENV := .venv-openmpi
+OPENMPI_MPIRUN := OMPI_ALLOW_RUN_AS_ROOT=1 OMPI_ALLOW_RUN_AS_ROOT_CONFIRM=1 OMP_NUM_THREADS=1 \
+	timeout -k 10 900 mpirun.openmpi --oversubscribe --timeout 800
+test-openmpi: install
+	scripts/openmpi_venv.sh $(OPENMPI_VENV)
+	$(OPENMPI_MPIRUN) -n 2 $(OPENMPI_VENV)/bin/python -m pytest -q -p no:cacheprovider --only-mpi tests
+	DISTTRAIN_OPENMPI_PYTHON=$(abspath $(OPENMPI_VENV))/bin/python PATH=$(abspath $(BIN)):$$PATH \
+		$(BIN)/python -m pytest -q tests/test_openmpi.py
 
 # options after ARGS=, e.g. make bench ARGS="--preset small" (disttrain bench --help lists them)
 bench: install
@@ -64,5 +77,5 @@ soak: install
 	PATH=$(abspath $(BIN)):$$PATH $(BIN)/python scripts/soak.py
 
 clean:
-	rm -rf $(VENV) build *.egg-info disttrain.egg-info .pytest_cache runs
+	rm -rf $(VENV) $(OPENMPI_VENV) build *.egg-info disttrain.egg-info .pytest_cache runs
 	find . -name __pycache__ -type d -prune -exec rm -rf {} +

@@ -195,7 +195,7 @@ def _train(args) -> int:
     from .config import load_config
     from .training import Trainer, build_run, catch_stop_signals
     from .training.agreement import check_agreement, run_facts
-    from .training.signals import ignore_stop_signals
+    from .training.signals import INTERRUPT_EXIT_CODE, ignore_stop_signals
 
     _train_arguments(args)
     catch_stop_signals()  # a batch system's warning signal may come while the data loads
@@ -229,7 +229,8 @@ def _train(args) -> int:
             if "test_accuracy" in summary:
                 parts.append(f"test_accuracy {summary['test_accuracy']:.4f}")
             print("done: " + ", ".join(parts), flush=True)
-        return 0
+        # Ctrl-C saved the work, but the run did not finish: say so to the shell as it expects (130)
+        return INTERRUPT_EXIT_CODE if summary["stop_signal"] == "SIGINT" else 0
     return _guarded(command)
 
 

@@ -23,7 +23,7 @@ class ConfigError(ValueError):
 
 
 class Field:
-    """One config key: its kind ("int", "float", "bool", "bool_or_auto", "str", "ints", "table"),
+    """One config key: its kind ("int", "float", "float_or_auto", "bool", "bool_or_auto", "str", "ints", "table"),
     default, and rule.
     `or_callable`: a "str" with choices also accepts 'module:callable' (any value holding a colon)."""
 
@@ -37,7 +37,8 @@ class Field:
         if self.choices:
             names = [repr(c) for c in self.choices] + (["'module:callable'"] if self.or_callable else [])
             return "one of " + ", ".join(names[:-1]) + (", or " if self.or_callable else ", ") + names[-1]
-        parts = {"int": "an integer", "float": "a number", "bool": "true or false",
+        parts = {"int": "an integer", "float": "a number", "float_or_auto": "\"auto\" or a number",
+                 "bool": "true or false",
                  "bool_or_auto": "true, false or \"auto\"", "str": "a string",
                  "ints": "a list of positive integers", "table": "a table"}[self.kind]
         if self.low is not None or self.high is not None:
@@ -56,7 +57,9 @@ class Field:
         if self.kind == "int":
             if isinstance(value, bool) or not isinstance(value, int):
                 fail()
-        elif self.kind == "float":
+        elif self.kind in ("float", "float_or_auto"):
+            if self.kind == "float_or_auto" and value == "auto":
+                return value
             if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
                 fail()
             value = float(value)
@@ -158,11 +161,14 @@ SCHEMA = {
         "run_dir": Field("str", "runs/default", "directory for metrics.jsonl and checkpoints"),
         "on_nonfinite": Field("str", "error", "a NaN/inf loss or gradient: stop with an error, or skip the "
                               "step on all ranks", choices=("error", "skip")),
-        "watchdog_seconds": Field("float", 600.0, "abort the job if one step takes longer (0: off)", low=0.0),
+        "watchdog_seconds": Field("float_or_auto", "auto", "abort the job if one step takes longer; auto: 600 s "
+                                  "for the first 5 steps, then 20x the median step, at least 60 s; 0: off (no step "
+                                  "limit, and no heartbeats: a dead or stopped rank is then not detected)", low=0.0),
         "check_replicas_every": Field("int", 0, "verify parameters are bit-identical on all ranks every "
                                       "this many steps (0: off)", low=0),
         "threads": Field("int", 0, "BLAS threads per rank (0: cores on the node / ranks on the node)", low=0),
-        "progress": Field("str", "auto", "progress display on rank 0", choices=("auto", "bar", "lines", "none")),
+        "progress": Field("str", "auto", "progress display on rank 0; auto: a live bar when stdout is a terminal "
+                          "(never under Open MPI, whose ranks always get one), else lines", choices=("auto", "bar", "lines", "none")),
     },
     "checkpoint": {
         "every_steps": Field("int", 0, "save every this many steps (0: off)", low=0),

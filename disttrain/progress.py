@@ -60,14 +60,33 @@ class MetricsFile:
             pass
 
 
+# Set in the ranks of launchers that give every rank a pseudo-terminal whatever the launcher's own output
+# is: Open MPI's mpirun does (a rank's stdout is a tty even when mpirun writes to a file), so there a
+# rank cannot tell a terminal from a log file. MPICH's mpiexec gives ranks pipes; srun gives pipes, or a
+# real terminal with --pty.
+FAKE_TERMINAL_LAUNCHER_VARIABLES = ("OMPI_COMM_WORLD_SIZE",)
+
+
+def writes_to_terminal(stream, environ=None) -> bool:
+    """Whether `stream` is a terminal a person watches: a tty, not one that a launcher made up."""
+    environ = os.environ if environ is None else environ
+    if any(name in environ for name in FAKE_TERMINAL_LAUNCHER_VARIABLES):
+        return False
+    try:
+        return stream.isatty()
+    except (AttributeError, ValueError):  # no isatty, or a closed stream
+        return False
+
+
 class Progress:
-    """Progress display on rank 0: `mode` "bar" (rewritten line), "lines", "none" or "auto" (bar on a
-    terminal, lines otherwise). Other ranks construct it with enabled=False and it does nothing."""
+    """Progress display on rank 0: `mode` "bar" (rewritten line), "lines", "none" or "auto" (the bar on a
+    terminal, lines otherwise: see writes_to_terminal). Other ranks construct it with enabled=False and
+    it does nothing."""
 
     def __init__(self, total_steps: int, enabled: bool, mode: str = "auto", stream=None):
         self.stream = stream or sys.stdout
         if mode == "auto":
-            mode = "bar" if getattr(self.stream, "isatty", lambda: False)() else "lines"
+            mode = "bar" if writes_to_terminal(self.stream) else "lines"
         self.enabled = enabled
         self.mode = mode if enabled else "none"
         self.total_steps = total_steps

@@ -4,8 +4,8 @@
 #     scripts/run_local.sh N CONFIG.toml [extra `disttrain train` arguments, e.g. --set training.epochs=5]
 #
 # Runs `mpiexec -n N disttrain train CONFIG args...` in place of this shell (exec), so Ctrl-C, SIGTERM and
-# SIGUSR1 reach mpiexec, which passes them on to every rank: the trainer checkpoints and exits 0, and the
-# same command with --resume continues.
+# SIGUSR1 reach mpiexec, which passes them on to every rank: the trainer checkpoints and exits 0 (130 after
+# Ctrl-C), and the same command with --resume continues. A second Ctrl-C ends the run at once, unsaved.
 # Environment knobs:
 #   DISTTRAIN_VENV     the venv with disttrain + mpi4py + mpich   (default: the repository's .venv)
 #   DISTTRAIN_PROGRAM  the command to launch                      (default: $DISTTRAIN_VENV/bin/disttrain)

@@ -283,6 +283,9 @@ def test_watchdog_aborts_a_job_whose_rank_sleeps_and_names_the_collective_the_ot
     assert "waiting in collective 'allreduce'" in err
     assert f"[rank {sleeper}] watchdog: step 3 has run for" in err
     assert "not inside a collective" in err
+    # rank 0 hears every rank's heartbeat: it names the rank that is not in the collective, and why
+    assert f"Not in a collective: rank {sleeper} (step 3, computing" in err
+    assert all(f"rank {rank} (step" not in err for rank in range(1, sleeper)), err  # the waiting ones are not named
 
 
 # ---------------------------------------------------------------------------- numerical faults

@@ -16,6 +16,7 @@ import pytest
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, os.path.join(REPO, "scripts"))
+import launcher_faults  # noqa: E402
 import slurm_cluster  # noqa: E402  (scripts/ is not a package)
 
 SBATCH = os.path.join(REPO, "scripts", "slurm.sbatch")
@@ -125,6 +126,30 @@ def test_usr1_before_the_time_limit_checkpoints_requeues_and_resumes(cluster, tm
         f"the requeued run did not continue from the checkpoint: steps {steps_before} then {steps}"
     assert_checkpoint_written(run_dir)
     assert int((run_dir / "checkpoints" / "latest").read_text().strip()[len("step-"):]) >= steps[-1]
+
+
+# ------------------------------------------------------------- dead and stopped ranks under srun
+@pytest.mark.parametrize("launcher, fault, within", [
+    ("srun", "kill-rank", 25),  # srun alone never ends such a job: rank 0 hears no heartbeat for 10 s
+    ("srun", "stop-rank", 25),
+    ("srun-K", "kill-rank", 20),  # srun -K SIGTERMs rank 0, which waited; before: KillWait, 30 s
+])
+def test_a_dead_or_stopped_rank_ends_an_srun_job_within_seconds_and_is_named(cluster, tmp_path, launcher, fault,
+                                                                             within):
+    outcome = launcher_faults.run_case(launcher, fault, 2, timeout=90, workdir=str(tmp_path), cluster=cluster,
+                                       start_step=10)
+    report = f"{outcome.summary()}\nstdout:\n{outcome.stdout[-2000:]}\nstderr:\n{outcome.stderr[-3000:]}"
+    assert outcome.seconds is not None and outcome.seconds < within, report
+    assert outcome.exit_code != 0 and not outcome.leftovers, report
+    assert "[rank 0] liveness: rank 1 silent for " in outcome.stderr, report
+    if launcher == "srun-K":
+        assert "after SIGTERM" in outcome.stderr, report
+
+
+def test_usr1_to_srun_is_forwarded_to_every_rank_which_checkpoint_and_exit_zero(cluster, tmp_path):
+    outcome = launcher_faults.run_case("srun", "USR1", 2, timeout=60, workdir=str(tmp_path), cluster=cluster)
+    assert outcome.exit_code == 0 and outcome.checkpoint_step is not None, outcome.summary()
+    assert "received SIGUSR1: saved checkpoint" in outcome.stdout
 
 
 def wait_until(condition, timeout, cluster, job_id, log):

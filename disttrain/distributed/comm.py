@@ -12,11 +12,24 @@ import hashlib
 import os
 import socket
 import sys
+import threading
 import time
 
 import numpy as np
 
 _OPS = ("sum", "max", "min")
+# thread id -> (collective, since): the outermost collective each thread of this process is inside, on
+# any communicator (the main thread's, the gradient thread's duplicate): what the watchdog reads
+_waiting: dict = {}
+
+
+def waiting_collectives() -> list:
+    """[(collective name, seconds inside it, thread name)] of every thread of this process that is
+    inside a collective now, the longest first."""
+    now = time.monotonic()
+    names = {thread.ident: thread.name for thread in threading.enumerate()}
+    entries = [(name, now - since, names.get(ident, "?")) for ident, (name, since) in list(_waiting.items())]
+    return sorted(entries, key=lambda entry: -entry[1])
 
 
 def _check_buffer(name: str, buffer: np.ndarray) -> None:
@@ -134,17 +147,25 @@ class Communicator:
     def error(self, message: str) -> None:
         """Print an error line from this rank, prefixed with the rank, to stderr."""
         prefix = f"[rank {self.rank}] " if self.size > 1 else ""
-        print("\n".join(prefix + line for line in str(message).splitlines() or [""]), file=sys.stderr, flush=True)
+        # one write, newline included: lines of ranks that fail together must not run into each other
+        sys.stderr.write("".join(prefix + line + "\n" for line in str(message).splitlines() or [""]))
+        sys.stderr.flush()
 
     @contextlib.contextmanager
     def _inside(self, name: str):
         """Mark this rank as inside collective `name` for the watchdog, until the block ends (or raises)."""
         self.current_collective = name
-        self.collective_since = time.monotonic()
+        self.collective_since = since = time.monotonic()
+        thread = threading.get_ident()
+        outermost = thread not in _waiting
+        if outermost:
+            _waiting[thread] = (name, since)
         try:
             yield
         finally:
             self.current_collective = None
+            if outermost:
+                _waiting.pop(thread, None)
 
 
 class SingleProcessComm(Communicator):

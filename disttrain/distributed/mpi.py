@@ -12,13 +12,17 @@ background thread, 161-176 ms when that thread instead polled MPI_Test with slee
 
 from __future__ import annotations
 
+import os
 import socket
 import sys
+import threading
 import time
 
 import numpy as np
 
 from .comm import Communicator, _check_alltoall, _check_buffer, _check_op
+
+ABORT_BACKSTOP_SECONDS = 2.0  # after MPI_Abort, a process still alive this long ends itself
 
 
 class MPIComm(Communicator):
@@ -144,6 +148,23 @@ class MPIComm(Communicator):
         """COLLECTIVE. A communicator of the ranks that share this node's memory, in this one's rank order."""
         return MPIComm(self.comm.Split_type(self.MPI.COMM_TYPE_SHARED, key=self.rank))
 
+    # --- point-to-point, non-blocking: for the watchdog's heartbeats (liveness.py), never collectives
+    def send_nowait(self, buffer: np.ndarray, dest: int, tag: int = 0):
+        """Start sending `buffer` to rank `dest`; returns the request (Test() -> done, Cancel, Wait).
+        `buffer` must stay untouched until the request is done."""
+        _check_buffer("send_nowait", buffer)
+        return self.comm.Isend(buffer, dest=dest, tag=tag)
+
+    def receive_nowait(self, buffer: np.ndarray, source: int, tag: int = 0):
+        """Start receiving a message from rank `source` into `buffer`; returns the request."""
+        _check_buffer("receive_nowait", buffer)
+        return self.comm.Irecv(buffer, source=source, tag=tag)
+
+    def raise_on_errors(self) -> None:
+        """Make an MPI error on this communicator raise (mpi4py's MPI.Exception) instead of aborting the
+        job inside MPI, so that the caller can say what failed."""
+        self.comm.Set_errhandler(self.MPI.ERRORS_RETURN)
+
     def allgather_object(self, value):
         with self._inside("allgather_object"):
             result = self.comm.allgather(value)
@@ -160,6 +181,12 @@ class MPIComm(Communicator):
         # hydra's proxy can tear the job down before forwarding what was just printed (seen: a job's
         # whole stderr lost, ~1 in 100 fast failures under load); give it a moment to pass it on
         time.sleep(0.25)
+        # MPI_Abort may never return nor end this process: under `srun` that is already terminating the
+        # step (--kill-on-bad-exit after a rank died) it waits for SLURM's KillWait (30 s) to SIGKILL it
+        # (measured). Exiting ourselves ends this task, which is what srun is waiting for.
+        backstop = threading.Timer(ABORT_BACKSTOP_SECONDS, os._exit, args=(code,))
+        backstop.daemon = True
+        backstop.start()
         self.comm.Abort(code)
 
     def library_version(self):

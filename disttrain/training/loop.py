@@ -98,8 +98,8 @@ class Trainer:
         self.metrics = persistence.open_metrics(self.comm, os.path.join(self.run_dir, "metrics.jsonl"), resumed)
         self._announce(resumed)
         first_step, first_skipped = self.state.step, self.state.skipped_steps
-        self.watchdog = Watchdog(self.comm, self.train_cfg["watchdog_seconds"])
-        handlers = signals.catch_stop_signals()
+        handlers = signals.catch_stop_signals(abort=self.comm.abort if self.comm.size > 1 else None)
+        self.watchdog = Watchdog(self.comm, self.train_cfg["watchdog_seconds"], signals=signals)
         started, samples_done, stop = time.perf_counter(), 0, None
         try:
             # --- train: epoch after epoch of optimizer steps, until the last step or an agreed stop signal
@@ -142,7 +142,7 @@ class Trainer:
             if self.metrics is not None:
                 self.metrics.close()
         seconds = time.perf_counter() - started
-        return {"steps": self.state.step, "epochs": self.state.epoch, "stopped": stop is not None,
+        return {"steps": self.state.step, "epochs": self.state.epoch, "stopped": stop is not None, "stop_signal": stop,
                 "seconds": seconds, "samples_per_s": samples_done / seconds if seconds > 0 else 0.0,
                 "skipped_steps": self.state.skipped_steps, "optimizer_state_bytes": self.optimizer.state_bytes(),
                 **self.last_eval}
@@ -187,7 +187,7 @@ class Trainer:
         self.ddp.sync_gradients(grad_scale=1.0)  # every rank, even after a local failure
         local.nonfinite_grads = int(self.optimizer.first_nonfinite_index() is not None)
         pending = signals.pending()
-        local.sigterm, local.sigusr1 = int(pending == signals.STOP_SIGNALS[0]), int(pending == signals.STOP_SIGNALS[1])
+        local.sigterm, local.sigusr1, local.sigint = (int(pending == sig) for sig in signals.STOP_SIGNALS)
         stats = local.agree(self.comm)
         t2 = time.perf_counter()
         if stats.failed:

@@ -32,8 +32,8 @@ class StepStats:
     """One rank's facts about a step, or (after `agree`) their sums over all ranks.
 
     loss_sum: sum over samples of the loss (float); count: samples; failed: ranks whose forward or
-    backward raised; nonfinite_grads: ranks whose combined gradient holds NaN/inf; sigterm / sigusr1:
-    ranks that received that stop signal.
+    backward raised; nonfinite_grads: ranks whose combined gradient holds NaN/inf; sigterm / sigusr1 /
+    sigint: ranks that received that stop signal.
     """
 
     loss_sum: float = 0.0
@@ -42,13 +42,14 @@ class StepStats:
     nonfinite_grads: int = 0
     sigterm: int = 0
     sigusr1: int = 0
+    sigint: int = 0
 
     def agree(self, comm) -> "StepStats":
-        """COLLECTIVE. The sums of every rank's stats (one allreduce of six float64 numbers)."""
+        """COLLECTIVE. The sums of every rank's stats (one allreduce of seven float64 numbers)."""
         values = np.array(dataclasses.astuple(self), dtype=np.float64)
         comm.allreduce(values, "sum")
         summed = StepStats(*values.tolist())
-        for field in ("count", "failed", "nonfinite_grads", "sigterm", "sigusr1"):
+        for field in ("count", "failed", "nonfinite_grads", "sigterm", "sigusr1", "sigint"):
             setattr(summed, field, int(getattr(summed, field)))
         return summed
 
@@ -59,7 +60,10 @@ class StepStats:
 
     @property
     def stop_signal(self) -> str | None:
-        """"SIGTERM" or "SIGUSR1" if any rank received that stop signal (SIGTERM first), else None."""
+        """"SIGINT", "SIGTERM" or "SIGUSR1" if any rank received that stop signal (in that order), else
+        None. Ctrl-C comes first: the run then ends with the interrupted exit code."""
+        if self.sigint:
+            return signal.SIGINT.name
         if self.sigterm:
             return signal.SIGTERM.name
         return signal.SIGUSR1.name if self.sigusr1 else None
