@@ -112,10 +112,14 @@ def _bias_grad(g_rows, into):
     return np.matmul(ones, g_rows, out=into)
 
 
-def max_pool2d(x: Tensor, kernel_size=2, stride=None) -> Tensor:
+def max_pool2d(x: Tensor, kernel_size=2, stride=None, relu: bool = False) -> Tensor:
     """Max over kh x kw windows of x (N, C, H, W); stride defaults to the kernel size. The gradient
     goes to the first maximum of each window (row-major), as in PyTorch. The output's memory is
-    channels-last (see the module docstring)."""
+    channels-last (see the module docstring).
+
+    relu=True gives max(0, window max) in the same pass: ReLU then max-pooling (or max-pooling then
+    ReLU, the same function with the same gradients) without the two full-size passes of a separate
+    ReLU and its backward. The gradient of a window whose max is not > 0 is zero."""
     x = as_tensor(x)
     if x.ndim != 4:
         raise ValueError(f"max_pool2d: input must be (N, C, H, W), got shape {x.shape}")
@@ -126,9 +130,9 @@ def max_pool2d(x: Tensor, kernel_size=2, stride=None) -> Tensor:
         raise ValueError(f"max_pool2d: kernel_size and stride must be >= 1, got {kernel} and {stride}")
     if kernel[0] > h or kernel[1] > w:
         raise ValueError(f"max_pool2d: kernel {kernel[0]}x{kernel[1]} is larger than the input {h}x{w}")
-    if kernel[0] * kernel[1] > 256:
-        raise ValueError(f"max_pool2d: kernel {kernel[0]}x{kernel[1]} has more than 256 elements")
-    best, winner = windows.max_pool(channels_last(x.data), kernel, stride, _allocator(x))
+    if kernel[0] * kernel[1] >= windows.NO_WINNER:
+        raise ValueError(f"max_pool2d: kernel {kernel[0]}x{kernel[1]} has more than {windows.NO_WINNER - 1} elements")
+    best, winner = windows.max_pool(channels_last(x.data), kernel, stride, _allocator(x), bool(relu))
 
     def backward(g):
         image = windows.max_pool_backward(channels_last(g), winner, (n, h, w, c), kernel, stride,

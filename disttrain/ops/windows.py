@@ -8,7 +8,9 @@ and the GEMM's (N*OH*OW, O) result is already the next layer's channels-last ima
 Every function here has two paths: a numba kernel (one pass, when numba is installed, see
 disttrain.fused) and numpy over the kh*kw strided views of the window taps. Both do the same float32
 operations in the same order — copies, maxima with the first maximum winning, sums over the taps in
-row-major tap order starting from zero — so they give the same bits (tests/test_windows.py checks it).
+a fixed tap order starting from zero — so they give the same bits (tests/test_windows.py checks it).
+Threads: these loops move memory at close to the machine's bandwidth, so splitting them over two
+threads measured no faster; they run on the calling thread (BLAS threads do the GEMMs).
 """
 
 from __future__ import annotations
@@ -20,6 +22,7 @@ import numpy as np
 # Below this many elements the numpy path's per-call cost is small and a process that trains only
 # tiny models never imports numba; both paths give the same bits, so switching per call is safe.
 NUMBA_MIN_ELEMENTS = 1 << 14
+NO_WINNER = 255  # the winner of a window whose ReLU'd maximum is 0: its gradient goes nowhere
 _kernels = None  # None: not compiled yet; False: numba unavailable; else a dict of kernels
 
 
@@ -68,10 +71,12 @@ def col2im(g_cols: np.ndarray, image_shape: tuple, stride: tuple, padding: tuple
     return padded[:, ph:ph + h, pw:pw + w, :]
 
 
-def max_pool(x: np.ndarray, kernel: tuple, stride: tuple, empty=np.empty) -> tuple:
+def max_pool(x: np.ndarray, kernel: tuple, stride: tuple, empty=np.empty, relu: bool = False) -> tuple:
     """(maxima (N, OH, OW, C), winner (N, OH, OW, C) uint8): the max of each kh x kw window of
-    x (N, H, W, C) and the row-major index i*kw + j of its first maximum (needs kh*kw <= 256); both
-    from `empty`. A NaN in a window makes its maximum NaN, as np.maximum does, but never its winner."""
+    x (N, H, W, C) and the row-major index i*kw + j of its first maximum (needs kh*kw < NO_WINNER);
+    both from `empty`. A NaN in a window makes its maximum NaN, as np.maximum does, but never its
+    winner. relu=True: the maxima are then rectified, max(m, 0) (np.maximum's rule again), and a
+    window whose maximum is not > 0 has winner NO_WINNER."""
     (kh, kw), (sh, sw) = kernel, stride
     n, h, w, c = x.shape
     oh, ow = output_size(h, kh, sh, 0), output_size(w, kw, sw, 0)
@@ -79,7 +84,7 @@ def max_pool(x: np.ndarray, kernel: tuple, stride: tuple, empty=np.empty) -> tup
     winner = empty((n, oh, ow, c), np.uint8)
     kernels = _kernels_for(x.size)
     if kernels:
-        kernels["max_pool"](x, best, winner, kh, kw, sh, sw)
+        kernels["max_pool"](x, best, winner, kh, kw, sh, sw, relu)
         return best, winner
     taps = _taps(x, kh, kw, sh, sw, oh, ow)
     np.copyto(best, taps[0])
@@ -92,6 +97,9 @@ def max_pool(x: np.ndarray, kernel: tuple, stride: tuple, empty=np.empty) -> tup
         chosen = larger.view(np.uint8)
         chosen *= np.uint8(k)
         np.maximum(winner, chosen, out=winner)
+    if relu:
+        np.copyto(winner, NO_WINNER, where=~(best > 0))
+        np.maximum(best, 0, out=best)
     return best, winner
 
 
@@ -196,7 +204,7 @@ def _compile() -> dict:
                                 image[b, row, column, ch] += g_cols[b, r, s, i, j, ch]
 
     @jit
-    def max_pool_kernel(x, best, winner, kh, kw, sh, sw):
+    def max_pool_kernel(x, best, winner, kh, kw, sh, sw, relu):
         n, oh, ow, c = best.shape
         for b in range(n):
             for r in range(oh):
@@ -213,6 +221,12 @@ def _compile() -> dict:
                                 winner[b, r, s, ch] = k
                             elif value != value:  # NaN: np.maximum's result, not a new winner
                                 best[b, r, s, ch] = value
+                    if relu:
+                        for ch in range(c):
+                            if not best[b, r, s, ch] > 0:
+                                winner[b, r, s, ch] = NO_WINNER
+                            if best[b, r, s, ch] < 0:  # keeps -0.0 and NaN, as np.maximum(m, 0) does
+                                best[b, r, s, ch] = 0
 
     @jit
     def max_pool_backward_kernel(g, winner, image, kh, kw, sh, sw, overlapping):
