@@ -90,7 +90,8 @@ SCHEMA = {
         "name": Field("str", "mlp", "built-in model, or 'module:callable' importable from the working "
                       "directory (called with input_shape=, classes= and the [model.options] table)",
                       choices=("mlp", "cnn"), or_callable=True),
-        "hidden": Field("ints", [128], "mlp: widths of the hidden layers"),
+        "hidden": Field("ints", [128], "mlp: widths of the hidden layers; cnn: widths of the fully connected "
+                        "layers between the convolutions and the output ([] for none)"),
         "activation": Field("str", "relu", "mlp: hidden activation", choices=("relu", "tanh", "gelu", "sigmoid")),
         "dropout": Field("float", 0.0, "mlp: dropout probability after each hidden layer", low=0.0, high=1.0,
                          high_open=True),

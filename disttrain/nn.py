@@ -356,13 +356,14 @@ class Conv2d(Module):
 
 
 class MaxPool2d(Module):
-    """Max over kernel_size windows, stride defaulting to the kernel size."""
+    """Max over kernel_size windows, stride defaulting to the kernel size. relu=True rectifies in the
+    same pass: MaxPool2d(2, relu=True) is ReLU() followed by MaxPool2d(2), at the cost of the pool alone."""
 
-    def __init__(self, kernel_size=2, stride=None):
-        self.kernel_size, self.stride = kernel_size, stride
+    def __init__(self, kernel_size=2, stride=None, relu: bool = False):
+        self.kernel_size, self.stride, self.relu = kernel_size, stride, bool(relu)
 
     def forward(self, x):
-        return ops.max_pool2d(x, self.kernel_size, self.stride)
+        return ops.max_pool2d(x, self.kernel_size, self.stride, relu=self.relu)
 
 
 class Embedding(Module):

@@ -153,3 +153,58 @@ def test_bench_rejects_unknown_systems_and_malformed_layers():
         runner.main(["--systems", "numpy,nosuch", "--json", os.devnull])
     with pytest.raises(SystemExit):
         runner.main(["--layers", "784,a,10", "--json", os.devnull])
+
+
+CNN_SMALL = ["--preset", "cnn", "--batch", "8", "--steps", "3", "--warmup", "1", "--rounds", "1", "--quiet",
+             "--no-optimizer"]
+
+
+def run_cnn_bench(tmp_path, *extra):
+    out = tmp_path / "bench.json"
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("PMI_", "PMIX_", "OMPI_"))}
+    env["MPIEXEC_TIMEOUT"] = "240"
+    proc = subprocess.run([sys.executable, "-m", "disttrain.bench", *CNN_SMALL, "--json", str(out), *extra],
+                          capture_output=True, text=True, timeout=300, env=env)
+    assert proc.returncode == 0, f"stdout:\n{proc.stdout}\nstderr:\n{proc.stderr}"
+    with open(out) as f:
+        return proc.stdout, json.load(f)
+
+
+def check_op_breakdown(label, entry):
+    b = entry["op_breakdown_s"]
+    assert set(b) == {"conv forward", "conv backward", "pool forward", "pool backward", "rest", "step"}, label
+    assert all(b[c] > 0 for c in ("conv forward", "conv backward", "pool forward", "pool backward")), (label, b)
+    assert b["rest"] >= 0 and b["step"] > 0, (label, b)  # each step holds its ops
+
+
+def test_cnn_preset_trains_the_cnn_at_one_and_two_ranks_with_a_per_op_breakdown(tmp_path):
+    stdout, result = run_cnn_bench(tmp_path, "--systems", "disttrain-plain,disttrain-zero1,numpy", "--ranks", "1,2",
+                                   "--cores", "2", "--no-torch")
+    workload = result["config"]["workload"]
+    assert workload["model"] == "cnn" and workload["param_count"] == 16 * 9 + 16 + 32 * 16 * 9 + 32 + 10 * 1568 + 10
+    ok = {r["label"]: r for r in result["results"] if r["status"] == "ok"}
+    assert set(ok) == {"disttrain-plain@1", "disttrain-zero1@1", "disttrain-zero1@2"}, result["results"]
+    skipped = {r["label"]: r["reason"] for r in result["results"] if r["status"] == "skipped"}
+    assert "MLP only" in skipped["numpy@1"] and "MLP only" in skipped["numpy@2"]
+    for label, entry in ok.items():
+        check_op_breakdown(label, entry)
+    assert result["loss_check"]["spread"] < 1e-4
+    assert "CNN 1x28x28" in stdout and "per-op step breakdown" in stdout
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not torch_available(), reason="torch not installed (make bench-deps)")
+def test_cnn_preset_gives_pytorch_the_same_network_weights_and_data(tmp_path):
+    _, result = run_cnn_bench(tmp_path, "--systems", "disttrain-plain,torch,torch-ddp", "--ranks", "1,2",
+                              "--cores", "2")
+    ok = {r["label"]: r for r in result["results"] if r["status"] == "ok"}
+    assert {"disttrain-plain@1", "torch@1", "torch-ddp@2"} <= set(ok), result["results"]
+    for label, entry in ok.items():
+        check_op_breakdown(label, entry)
+    # torch's conv -> ReLU -> pool and disttrain's conv -> pool(relu=True) agree from the same weights
+    assert result["loss_check"]["spread"] < 1e-4
+
+
+def test_layers_option_is_refused_for_the_cnn_preset():
+    with pytest.raises(SystemExit, match="--layers sets the sizes of an MLP"):
+        runner.main(["--preset", "cnn", "--layers", "784,10", "--json", os.devnull])

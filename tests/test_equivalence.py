@@ -2,8 +2,9 @@
 
 For N = 2, 3, 4 (4 oversubscribes 2 cores), every case of tests/workers/equivalence.py - SGD with
 momentum and Adam/AdamW, reduce-scatter and allreduce, sharded and replicated optimizer state, small
-buckets, gradient accumulation, clipping with a schedule - on 203 samples (not divisible by N) must give
-at every step the same global loss, and at the end the same parameters, as a plain single process.
+buckets, gradient accumulation, clipping with a schedule, and the built-in CNN - on 203 samples (not
+divisible by N) must give at every step the same global loss, and at the end the same parameters, as a
+plain single process.
 
 Tolerance: float32 sums of the same per-sample gradients in a different order (per-rank partial sums,
 then the reduction) differ by a few units in the last place (~1e-7 relative); over 21 steps Adam's
@@ -54,7 +55,8 @@ def test_n_ranks_match_one_process_at_every_step_and_at_the_end(runs, case, rank
     np.testing.assert_allclose(final_n, final_1, rtol=1e-4, atol=2e-5)
 
 
-def test_training_moved_the_parameters_and_lowered_the_loss(runs):
+@pytest.mark.parametrize("case", ["adam-reduce_scatter", "cnn-adam-reduce_scatter"])
+def test_training_moved_the_parameters_and_lowered_the_loss(runs, case):
     # guards the comparison above against a run that silently trained nothing
-    losses = [l for _, l in _losses(runs / "adam-reduce_scatter" / "metrics-1.jsonl")]
+    losses = [l for _, l in _losses(runs / case / "metrics-1.jsonl")]
     assert losses[-1] < 0.8 * losses[0]

@@ -2,6 +2,7 @@
 
 import itertools
 import math
+import os
 
 import numpy as np
 import pytest
@@ -389,6 +390,28 @@ def test_maxpool2d_module_matches_naive_loops():
     np.testing.assert_array_equal(out.data, expected)
 
 
+def test_maxpool2d_with_relu_is_relu_then_maxpool_in_values_and_gradients():
+    x = _rng(25).standard_normal((4, 3, 8, 6)).astype(np.float32)  # many all-negative windows too
+    g = _rng(26).standard_normal((4, 3, 4, 3)).astype(np.float32)
+    fused_input, plain_input = Tensor(x, requires_grad=True), Tensor(x, requires_grad=True)
+    fused = nn.MaxPool2d(2, relu=True)(fused_input)
+    plain = nn.MaxPool2d(2)(nn.ReLU()(plain_input))
+    np.testing.assert_array_equal(fused.data, plain.data)
+    fused.backward(g)
+    plain.backward(g)
+    np.testing.assert_array_equal(fused_input.grad, plain_input.grad)
+    assert (fused.data == 0).any() and (fused_input.grad != 0).any()
+
+
+def test_conv_and_pool_outputs_are_channels_last_in_memory_and_flatten_in_channel_order():
+    x = _rng(27).standard_normal((2, 3, 6, 6)).astype(np.float32)
+    conv = nn.Conv2d(3, 4, 3, padding=1, rng=_rng(28))
+    out = nn.MaxPool2d(2)(conv(Tensor(x)))
+    assert out.shape == (2, 4, 3, 3) and out.data.transpose(0, 2, 3, 1).flags.c_contiguous
+    flat = nn.Flatten()(out)
+    np.testing.assert_array_equal(flat.data, np.ascontiguousarray(out.data).reshape(2, -1))
+
+
 def test_small_cnn_runs_end_to_end_with_flatten():
     dt.manual_seed(0)
     model = nn.Sequential(nn.Conv2d(1, 4, 3, padding=1), nn.ReLU(), nn.MaxPool2d(2), nn.Flatten(), nn.Linear(64, 10))
@@ -547,3 +570,38 @@ def test_gradients_in_flat_buffer_views_are_gradients_without_copies():
         assert isinstance(param.grad, Gradient) and param.grad.dtype == np.float32
         assert np.shares_memory(param.grad, flat.flat_grads)
         assert type(param.grad.data) is np.ndarray and np.shares_memory(param.grad.data, flat.flat_grads)
+
+
+# -------------------------------------------------------------------------------------- built-in cnn
+def test_config_cnn_with_no_hidden_layer_is_the_fashion_recipe():
+    from disttrain.config import load_config
+    from disttrain.models import build_model
+
+    config = load_config(os.path.join(os.path.dirname(__file__), "..", "examples", "fashion_cnn.toml"))
+    model = build_model(config["model"], (28, 28), 10)
+    kinds = [type(layer).__name__ for layer in model.layers]
+    assert kinds == ["Reshape", "Conv2d", "MaxPool2d", "Conv2d", "MaxPool2d", "Flatten", "Linear"]
+    assert model[1].weight.shape == (16, 1, 3, 3) and model[3].weight.shape == (32, 16, 3, 3)
+    assert model[6].weight.shape == (10, 1568) and model[2].relu and model[4].relu
+    with_hidden = build_model({**config["model"], "hidden": [64, 32]}, (28, 28), 10)
+    assert [layer.weight.shape for layer in with_hidden.layers if isinstance(layer, nn.Linear)] == \
+        [(64, 1568), (32, 64), (10, 32)]
+
+
+def test_cnn_is_conv_relu_pool_blocks_in_values_and_gradients():
+    from disttrain.models import cnn
+
+    dt.manual_seed(5)
+    model = cnn((1, 8, 8), 3, channels=(4, 6), hidden=[])
+    reference = nn.Sequential(model[0], model[1], nn.ReLU(), nn.MaxPool2d(2), model[3], nn.ReLU(), nn.MaxPool2d(2),
+                              nn.Flatten(), model[6])
+    x = _rng(29).standard_normal((5, 64)).astype(np.float32)
+    grads = []
+    for net in (model, reference):
+        net.zero_grad()
+        out = net(Tensor(x))
+        nn.SoftmaxLoss()(out, np.arange(5) % 3).backward()
+        grads.append((out.data.copy(), [p.grad.copy() for p in net.parameters()]))
+    np.testing.assert_array_equal(grads[0][0], grads[1][0])
+    for a, b in zip(grads[0][1], grads[1][1]):
+        np.testing.assert_allclose(a, b, rtol=1e-6, atol=1e-7)

@@ -256,6 +256,29 @@ CASES = [
      [((1, 2, 5, 4), "any")]),
     ("max_pool2d_rect_uneven", lambda x: ops.max_pool2d(x, (2, 3), stride=(2, 1)),
      lambda x: max_pool_loops(x, (2, 3), (2, 1)), [((1, 2, 5, 5), "any")]),
+    ("conv2d_one_channel_pad1", lambda x, w, b: ops.conv2d(x, w, b, padding=1),
+     lambda x, w, b: conv2d_loops(x, w, b, (1, 1), (1, 1)), [((2, 1, 5, 5), "any"), ((4, 1, 3, 3), "any"), ((4,), "any")]),
+    ("conv2d_six_to_five_channels", lambda x, w, b: ops.conv2d(x, w, b, padding=1),
+     lambda x, w, b: conv2d_loops(x, w, b, (1, 1), (1, 1)), [((1, 6, 4, 4), "any"), ((5, 6, 3, 3), "any"), ((5,), "any")]),
+    ("conv2d_stride2_no_pad", lambda x, w, b: ops.conv2d(x, w, b, stride=2),
+     lambda x, w, b: conv2d_loops(x, w, b, (2, 2), (0, 0)), [((2, 3, 7, 7), "any"), ((2, 3, 3, 3), "any"), ((2,), "any")]),
+    ("conv2d_1x1", lambda x, w: ops.conv2d(x, w), lambda x, w: conv2d_loops(x, w),
+     [((2, 4, 3, 3), "any"), ((3, 4, 1, 1), "any")]),
+    ("conv2d_5x5_pad2", lambda x, w, b: ops.conv2d(x, w, b, padding=2),
+     lambda x, w, b: conv2d_loops(x, w, b, (1, 1), (2, 2)), [((1, 2, 4, 4), "any"), ((2, 2, 5, 5), "any"), ((2,), "any")]),
+    ("max_pool2d_five_channels", lambda x: ops.max_pool2d(x, 2), lambda x: max_pool_loops(x, (2, 2), (2, 2)),
+     [((2, 5, 4, 6), "any")]),
+    ("max_pool2d_gaps", lambda x: ops.max_pool2d(x, 2, stride=3), lambda x: max_pool_loops(x, (2, 2), (3, 3)),
+     [((1, 2, 7, 7), "any")]),
+    ("max_pool2d_relu", lambda x: ops.max_pool2d(x, 2, relu=True),
+     lambda x: np.maximum(max_pool_loops(x, (2, 2), (2, 2)), 0), [((2, 3, 4, 4), "away0")]),
+    ("max_pool2d_relu_overlapping", lambda x: ops.max_pool2d(x, 3, stride=1, relu=True),
+     lambda x: np.maximum(max_pool_loops(x, (3, 3), (1, 1)), 0), [((1, 2, 5, 4), "away0")]),
+    ("conv_pool_conv_stack", lambda x, w1, w2: ops.conv2d(ops.max_pool2d(ops.conv2d(x, w1, padding=1), 2, relu=True),
+                                                          w2, padding=1),
+     lambda x, w1, w2: conv2d_loops(np.maximum(max_pool_loops(conv2d_loops(x, w1, None, (1, 1), (1, 1)), (2, 2), (2, 2)),
+                                               0), w2, None, (1, 1), (1, 1)),
+     [((2, 1, 4, 4), "any"), ((3, 1, 3, 3), "any"), ((2, 3, 3, 3), "any")]),
     # losses
     ("cross_entropy_mean", lambda z: ops.cross_entropy(z, LABELS), lambda z: np_cross_entropy(z, LABELS).mean(),
      [((5, 5), "any")]),
@@ -314,6 +337,19 @@ def test_float32_graph_never_produces_float64(name, fn, reference, specs):
     # float32 results agree with the float64 computation to float32 precision
     expected = np.asarray(reference(*[t.data.astype(np.float64) for t in inputs]))
     np.testing.assert_allclose(out.data, expected, rtol=2e-4, atol=2e-5)
+
+
+IMAGE_CASES = [case for case in CASES if case[0].startswith(("conv", "max_pool"))]
+
+
+@pytest.mark.parametrize("name, fn, reference, specs", IMAGE_CASES, ids=[case[0] for case in IMAGE_CASES])
+def test_conv_and_pool_numba_kernels_pass_the_same_gradient_check(name, fn, reference, specs, monkeypatch):
+    pytest.importorskip("numba", reason="numba (the 'fast' extra) is not installed: only the numpy path exists")
+    from disttrain.ops import windows
+
+    monkeypatch.setattr(windows, "NUMBA_MIN_ELEMENTS", 0)  # the kernels at every size
+    rng = np.random.default_rng(sum(map(ord, name)))
+    gradcheck(fn, make_inputs(specs, rng), rng)
 
 
 def test_max_shares_gradient_equally_among_ties():

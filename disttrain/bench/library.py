@@ -7,6 +7,9 @@ Each step is timed with perf_counter around the calls a user makes: the forward 
 files are untouched; the wrapper costs two clock reads per call), so communication and waiting can be
 told apart from the CPU work inside `sync_gradients()` and `opt.step()`.
 
+For the cnn workload, `breakdown_step` also times each conv2d and max_pool2d call (forward, and the
+backward of its output) by wrapping the two functions in `disttrain.ops` for that one step.
+
 Variants:
   plain      1 process, no DataParallel: model + disttrain.optim.Adam (the simplest user program)
   zero1      DataParallel(strategy="reduce_scatter") + ShardedOptimizer(Adam, shard=True)  (ZeRO-1)
@@ -16,9 +19,12 @@ Variants:
 
 from __future__ import annotations
 
+import contextlib
+import time
+
 import numpy as np
 
-from .workload import Workload, initial_parameters
+from .workload import OP_CATEGORIES, Workload, initial_parameters
 
 VARIANTS = {"plain": None, "zero1": ("reduce_scatter", True), "allreduce": ("allreduce", True),
             "noshard": ("allreduce", False)}
@@ -38,16 +44,7 @@ class DisttrainSystem:
         if self.comm.size != ranks or self.comm.rank != rank:
             raise RuntimeError(f"disttrain sees rank {self.comm.rank} of {self.comm.size}, launcher said "
                                f"{rank} of {ranks}")
-        layers = []
-        params = initial_parameters(workload)
-        for i, (weight, bias) in enumerate(params):
-            linear = dt.nn.Linear(weight.shape[1], weight.shape[0])
-            linear.weight.data[...] = weight
-            linear.bias.data[...] = bias
-            layers.append(linear)
-            if i < len(params) - 1:
-                layers.append(dt.nn.ReLU())
-        self.model = dt.nn.Sequential(*layers)
+        self.model = build_model(workload)
         self.loss_fn = dt.nn.SoftmaxLoss()
         self.Tensor = dt.Tensor
         adam = dict(lr=workload.lr, beta1=workload.beta1, beta2=workload.beta2, eps=workload.eps)
@@ -86,6 +83,18 @@ class DisttrainSystem:
         rec.mark()
         return float(loss.data)
 
+    def breakdown_step(self, x, y) -> dict:
+        """One training step with conv2d and max_pool2d timed: {category: seconds} for OP_CATEGORIES,
+        plus "step" (the whole step, instrumented)."""
+        import disttrain.ops as ops
+
+        times = dict.fromkeys(OP_CATEGORIES, 0.0)
+        with _timed(ops, "conv2d", times, "conv"), _timed(ops, "max_pool2d", times, "pool"):
+            start = time.perf_counter()
+            self.step(x, y)
+            times["step"] = time.perf_counter() - start
+        return times
+
     def state_bytes(self) -> int:
         return int(self.optimizer.state_bytes())
 
@@ -105,6 +114,52 @@ class DisttrainSystem:
             info.update({"strategy": self.ddp.strategy, "shard": self.optimizer.shard,
                          "flat_elements": layout.padded_total, "buckets": len(layout.buckets)})
         return info
+
+
+def build_model(workload: Workload):
+    """The workload's model from disttrain's public layers, holding its initial parameters: for the
+    cnn, `disttrain.models.cnn` with no hidden layer (what examples/fashion_cnn.toml trains)."""
+    import disttrain as dt
+    from disttrain.models import cnn
+
+    params = initial_parameters(workload)
+    if workload.model == "cnn":
+        model = cnn(workload.image, workload.layers[-1], channels=workload.channels, hidden=[])
+    else:
+        layers = []
+        for weight, _ in params:
+            layers += [dt.nn.Linear(weight.shape[1], weight.shape[0]), dt.nn.ReLU()]
+        model = dt.nn.Sequential(*layers[:-1])
+    flat_values = [value for pair in params for value in pair]
+    for parameter, value in zip(model.parameters(), flat_values, strict=True):
+        parameter.data[...] = value
+    return model
+
+
+@contextlib.contextmanager
+def _timed(module, name: str, times: dict, kind: str):
+    """Within the block, `module.name` adds its seconds to times[kind + " forward"] and the backward
+    of each output it returns to times[kind + " backward"]."""
+    original = getattr(module, name)
+
+    def timed(*args, **kwargs):
+        start = time.perf_counter()
+        out = original(*args, **kwargs)
+        times[kind + " forward"] += time.perf_counter() - start
+        backward = out._backward
+        if backward is not None:
+            def timed_backward(g):
+                begin = time.perf_counter()
+                grads = backward(g)
+                times[kind + " backward"] += time.perf_counter() - begin
+                return grads
+            out._backward = timed_backward
+        return out
+    setattr(module, name, timed)
+    try:
+        yield
+    finally:
+        setattr(module, name, original)
 
 
 def optimizer_backend() -> str:

@@ -25,6 +25,11 @@ How each figure is obtained (also written into the JSON under "method"):
   (VmRSS once the model and optimizer exist) and "rss_start" help separate the two.
 - optimizer-state bytes: disttrain's `opt.state_bytes()`, the numpy reference's m and v arrays, the
   bytes of the tensors in torch's (local) optimizer state.
+- per-op breakdown (cnn workload): extra steps after the measured ones, instrumented: disttrain's
+  conv2d / max_pool2d calls and their backward timed one by one, torch's from its autograd profiler's
+  top-level events; "rest" is the instrumented step minus those (loss, linear layer, ReLU, flatten,
+  gradient synchronisation, optimizer, and the instrumentation itself). Median over those steps of
+  the mean over ranks.
 """
 
 from __future__ import annotations
@@ -37,6 +42,7 @@ import statistics
 import time
 
 from . import SYSTEMS
+from .workload import OP_CATEGORIES
 
 CATEGORIES = ("forward", "backward", "comm", "wait", "optimizer", "other")
 # the throughput targets disttrain is held to: (system, ranks, baseline, ranks) -> minimum ratio
@@ -46,6 +52,8 @@ TARGETS = {
                 ("disttrain-zero1", 2, "torch-ddp-zero", 2): 1.30},
     "small": {("disttrain-plain", 1, "torch", 1): 0.80, ("disttrain-zero1", 1, "torch", 1): 0.80,
               ("disttrain-zero1", 2, "torch-ddp", 2): 1.00},
+    "cnn": {("disttrain-plain", 1, "torch", 1): 0.80, ("disttrain-zero1", 1, "torch", 1): 0.80,
+            ("disttrain-zero1", 2, "torch-ddp", 2): 1.50},
 }
 # which raw collectives a system's communication amounts to, for the comm / raw ratio
 RAW_REFERENCE = {"numpy": ("reduce_scatter_block", "allgather_in_place"),
@@ -161,6 +169,7 @@ def summarise_system(name: str, ranks: int, indexed_rounds: list) -> dict:
         "raw_collectives": raw,
         "details": first[0]["describe"],
         "profiled": any(d.get("profiled") for ranks_data in rounds for d in ranks_data),
+        "op_breakdown_s": op_breakdown(rounds),
     }
     reference = RAW_REFERENCE.get(name)
     if raw and reference and all(key in raw for key in reference) and breakdown["comm"] is not None:
@@ -172,6 +181,21 @@ def summarise_system(name: str, ranks: int, indexed_rounds: list) -> dict:
                                  "ratio": breakdown["comm"] / raw_s if raw_s > 0 else None,
                                  "ratio_cold": breakdown["comm"] / cold_s if cold_s > 0 else None}
     return result
+
+
+def op_breakdown(rounds: list) -> dict | None:
+    """{category: median seconds per step} over the instrumented steps of every round (each step the
+    mean over ranks), with "rest" = step - the op categories; None without such steps."""
+    per_step = []
+    for ranks_data in rounds:
+        records = [d.get("op_breakdown") or [] for d in ranks_data]
+        for k in range(min(len(r) for r in records)):
+            step = {c: _mean([r[k][c] for r in records]) for c in (*OP_CATEGORIES, "step")}
+            step["rest"] = step["step"] - sum(step[c] for c in OP_CATEGORIES)
+            per_step.append(step)
+    if not per_step:
+        return None
+    return {c: statistics.median(s[c] for s in per_step) for c in (*OP_CATEGORIES, "rest", "step")}
 
 
 def describe_blas(rank_data: dict) -> str:
@@ -254,7 +278,8 @@ def ratios(ok: dict, config: dict) -> list:
 def format_table(summary: dict) -> str:
     config = summary["config"]
     w = config["workload"]
-    lines = [f"disttrain bench: MLP {'-'.join(map(str, w['layers']))} ({w['param_count']:,} parameters), "
+    model = w.get("description") or f"MLP {'-'.join(map(str, w['layers']))}"
+    lines = [f"disttrain bench: {model} ({w['param_count']:,} parameters), "
              f"global batch {w['global_batch']}, Adam lr {w['lr']}, float32, seed {w['seed']}; "
              f"{config['rounds']} round(s) x {config['steps']} steps after {config['warmup']} warm-up; "
              f"{config['cores']} cores"]
@@ -320,6 +345,8 @@ def format_table(summary: dict) -> str:
         lines.append("(median: of all measured steps; per round: each round's medians, paired; p90: the upper decile "
                      "of per-step samples/s, the least disturbed steps)")
 
+    lines += format_op_breakdown(summary)
+
     comm_rows = [s for s in summary["results"] if s["status"] == "ok" and s.get("comm_vs_raw")]
     if comm_rows:
         lines += ["", "communication vs raw MPI collectives of the same bytes (ms):"]
@@ -335,6 +362,21 @@ def format_table(summary: dict) -> str:
     if any(s.get("profiled") for s in summary["results"] if s["status"] == "ok"):
         lines.append("note: disttrain runs were profiled with cProfile: their times are inflated")
     return "\n".join(lines)
+
+
+def format_op_breakdown(summary: dict) -> list:
+    """Table lines of the per-op step breakdown (cnn workload), or none."""
+    rows = [s for s in summary["results"] if s["status"] == "ok" and s.get("op_breakdown_s")]
+    if not rows:
+        return []
+    names = ("conv forward", "conv backward", "pool", "rest", "step")
+    lines = ["", f"per-op step breakdown, ms (instrumented steps after the measured ones; pool = forward + backward):",
+             f"  {'system':<22}" + "".join(f"{name:>15}" for name in names)]
+    for s in rows:
+        b = dict(s["op_breakdown_s"])
+        b["pool"] = b["pool forward"] + b["pool backward"]
+        lines.append(f"  {s['label']:<22}" + "".join(f"{b[name] * 1e3:>15.2f}" for name in names))
+    return lines
 
 
 def format_profiles(directory: str, top: int = 15) -> str:

@@ -36,7 +36,9 @@ def parse_args(argv=None) -> argparse.Namespace:
         description="Throughput, step-time breakdown and memory of disttrain beside a hand-written numpy + MPI "
                     "MLP and PyTorch DDP: same model, data, global batch, seed; systems interleaved in rounds.")
     parser.add_argument("--preset", choices=sorted(PRESETS), default="default",
-                        help="default: MLP 784-1024-1024-10, global batch 512; small: 784-256-10, batch 128")
+                        help="default: MLP 784-1024-1024-10, global batch 512; small: 784-256-10, batch 128; "
+                             "cnn: the Fashion-MNIST CNN (conv16-pool-conv32-pool-Linear), batch 128, with a "
+                             "per-op breakdown (conv forward, conv backward, pool, the rest)")
     parser.add_argument("--layers", help="MLP sizes in,hidden...,classes (overrides the preset), e.g. 784,1024,1024,10")
     parser.add_argument("--batch", type=int, help="global batch over all ranks (overrides the preset)")
     parser.add_argument("--steps", type=int, default=60, help="measured steps per run (default 60)")
@@ -74,15 +76,17 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 
 def make_workload(args) -> Workload:
-    layers, batch = PRESETS[args.preset]
+    fields = dict(PRESETS[args.preset])
     if args.layers:
+        if fields.get("model", "mlp") != "mlp":
+            raise SystemExit(f"--layers sets the sizes of an MLP; the {args.preset!r} preset is a {fields['model']}")
         try:
-            layers = tuple(int(n) for n in args.layers.split(","))
+            fields["layers"] = tuple(int(n) for n in args.layers.split(","))
         except ValueError:
             raise SystemExit(f"--layers must be comma-separated integers, got {args.layers!r}") from None
-    batch = args.batch or batch
+    fields["global_batch"] = args.batch or fields["global_batch"]
     try:
-        return Workload(layers=tuple(layers), global_batch=batch, seed=args.seed, lr=args.lr)
+        return Workload(**fields, seed=args.seed, lr=args.lr)
     except ValueError as error:
         raise SystemExit(str(error)) from None
 
@@ -95,7 +99,9 @@ def plan_runs(system_names, rank_counts, workload, torch_ok: bool):
             system = SYSTEMS[name]
             if not system.runs_at(ranks):
                 continue
-            if workload.global_batch % ranks:
+            if system.module == "handwritten" and workload.model != "mlp":
+                skipped.append((name, ranks, "the hand-written numpy reference is an MLP only"))
+            elif workload.global_batch % ranks:
                 skipped.append((name, ranks, f"global batch {workload.global_batch} does not split over {ranks} ranks"))
             elif system.needs_torch and not torch_ok:
                 skipped.append((name, ranks, TORCH_MISSING))

@@ -10,6 +10,10 @@ over TCP on 127.0.0.1 at the port the runner chose. torch.optim.Adam runs with i
 `torch_fused_adam` is set. Phases are forward (+ loss), backward (DDP's gradient allreduce runs inside
 it, overlapped by its hooks, so communication and waiting are not separable from outside and are
 reported as part of backward), optimizer (ZeRO's parameter broadcast included) and zero_grad.
+
+The cnn workload's model is PyTorch's own form of the recipe, conv -> ReLU -> max-pool per block;
+`breakdown_step` runs one step under torch's autograd profiler and sums the wall time of its
+convolution and max-pooling events, forward and backward (the profiler's own cost lands in "rest").
 """
 
 from __future__ import annotations
@@ -17,7 +21,7 @@ from __future__ import annotations
 import datetime
 import os
 
-from .workload import Workload, initial_parameters
+from .workload import OP_CATEGORIES, Workload, initial_parameters
 
 VARIANTS = ("plain", "ddp", "ddp-zero")
 
@@ -48,17 +52,7 @@ class TorchSystem:
             os.environ.setdefault("GLOO_SOCKET_IFNAME", "lo")  # all ranks are on this machine
             dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{options['port']}", rank=rank,
                                     world_size=ranks, timeout=datetime.timedelta(seconds=options.get("timeout", 300)))
-        layers = []
-        params = initial_parameters(workload)
-        for i, (weight, bias) in enumerate(params):
-            linear = torch.nn.Linear(weight.shape[1], weight.shape[0])
-            with torch.no_grad():
-                linear.weight.copy_(torch.from_numpy(weight))
-                linear.bias.copy_(torch.from_numpy(bias))
-            layers.append(linear)
-            if i < len(params) - 1:
-                layers.append(torch.nn.ReLU())
-        self.model = torch.nn.Sequential(*layers)
+        self.model = build_model(torch, workload)
         self.param_elements = sum(p.numel() for p in self.model.parameters())
         if variant != "plain":
             from torch.nn.parallel import DistributedDataParallel
@@ -86,6 +80,24 @@ class TorchSystem:
         self.optimizer.zero_grad(set_to_none=True)
         rec.mark()
         return float(loss.item())
+
+    def breakdown_step(self, x, y) -> dict:
+        """One training step under the autograd profiler: {category: seconds} for OP_CATEGORIES, plus
+        "step" (the whole step, profiled)."""
+        import time
+
+        from torch.autograd.profiler import profile
+
+        with profile() as prof:
+            start = time.perf_counter()
+            self.step(x, y)
+            step = time.perf_counter() - start
+        times = dict.fromkeys(OP_CATEGORIES, 0.0)
+        times["step"] = step
+        for event in prof.function_events:
+            if event.name in TORCH_OP_EVENTS:
+                times[TORCH_OP_EVENTS[event.name]] += event.cpu_time_total * 1e-6
+        return times
 
     def state_bytes(self) -> int:
         torch = self.torch
@@ -128,6 +140,38 @@ class TorchSystem:
         if self.variant != "plain" and self.dist.is_initialized():
             self.dist.barrier()  # no rank tears down (rank 0 hosts the TCP store) while another still talks
             self.dist.destroy_process_group()
+
+
+# profiler events -> categories: none of them nests inside another (their children, e.g.
+# aten::mkldnn_convolution, are not listed); under DDP they sit below its forward's event
+TORCH_OP_EVENTS = {
+    "aten::conv2d": "conv forward",
+    "autograd::engine::evaluate_function: ConvolutionBackward0": "conv backward",
+    "aten::max_pool2d": "pool forward",
+    "autograd::engine::evaluate_function: MaxPool2DWithIndicesBackward0": "pool backward",
+}
+
+
+def build_model(torch, workload: Workload):
+    """The workload's model from torch.nn layers, holding its initial parameters."""
+    params = initial_parameters(workload)
+    if workload.model == "cnn":
+        layers, c_in = [torch.nn.Unflatten(1, tuple(workload.image))], workload.image[0]
+        for c_out in workload.channels:
+            layers += [torch.nn.Conv2d(c_in, c_out, 3, padding=1), torch.nn.ReLU(), torch.nn.MaxPool2d(2)]
+            c_in = c_out
+        layers += [torch.nn.Flatten(), torch.nn.Linear(workload.flat_features, workload.layers[-1])]
+    else:
+        layers = []
+        for weight, _ in params:
+            layers += [torch.nn.Linear(weight.shape[1], weight.shape[0]), torch.nn.ReLU()]
+        layers.pop()
+    model = torch.nn.Sequential(*layers)
+    values = [value for pair in params for value in pair]
+    with torch.no_grad():
+        for parameter, value in zip(model.parameters(), values, strict=True):
+            parameter.copy_(torch.from_numpy(value))
+    return model
 
 
 def make(variant: str, workload: Workload, rank: int, ranks: int, recorder, options: dict) -> TorchSystem:

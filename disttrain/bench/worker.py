@@ -4,6 +4,8 @@ The runner launches this; it is not meant to be run by hand. Each rank sets its 
 the system, trains `warmup` steps, waits once at a barrier (outside the measured region), trains
 `steps` measured steps, times raw collectives of the same size, and writes `<out>.rank<r>.json`:
 per-step phase and collective timestamps, losses, peak RSS, optimizer-state bytes, threads and BLAS.
+For the cnn workload it then trains BREAKDOWN_STEPS more steps with each convolution and pooling
+call timed (`op_breakdown`): instrumented steps, kept apart from the measured ones.
 """
 
 from __future__ import annotations
@@ -21,6 +23,8 @@ import numpy as np
 from . import SYSTEMS
 from .recorder import StepRecorder
 from .workload import Workload, local_batches
+
+BREAKDOWN_STEPS = 10
 
 
 def current_rss_bytes() -> int:
@@ -97,12 +101,22 @@ def run(args) -> tuple:
     if profiler is not None:
         profiler.disable()
         profiler.dump_stats(f"{args.profile}.rank{rank}.prof")
+    recorded = recorder.to_dict()
+    recorder.steps = []  # the breakdown steps below record into a fresh list
+
+    op_breakdown = []
+    if workload.model == "cnn":
+        for i in range(BREAKDOWN_STEPS):
+            x, y = batches[i % len(batches)]
+            recorder.start()
+            op_breakdown.append(instance.breakdown_step(x, y))
+            recorder.end()
 
     raw = instance.raw_collectives()
     return instance, {
         "system": system.name, "rank": rank, "ranks": ranks, "workload": workload.to_dict(),
         "warmup": args.warmup, "steps": args.steps, "threads": args.threads,
-        "blas": blas_info(), "recorder": recorder.to_dict(), "losses": losses,
+        "blas": blas_info(), "recorder": recorded, "losses": losses, "op_breakdown": op_breakdown,
         "optimizer_state_bytes": instance.state_bytes(),
         "rss_start_bytes": rss_start, "rss_after_setup_bytes": rss_setup, "peak_rss_bytes": peak_rss_bytes(),
         "raw_collectives": raw, "describe": instance.describe(),

@@ -7,7 +7,7 @@ into `g`: it may be a read-only broadcast view. Dtypes never change silently: mi
 float64 tensors is a TypeError, and numbers take the tensor's dtype.
 
 The operations live in one module per kind: node (how an op joins the graph), arithmetic, reductions,
-shaping, pointwise, images, losses. This package re-exports them all and binds them to Tensor as
+shaping, pointwise, images (with its loops in windows and its reusable work arrays in buffers), losses. This package re-exports them all and binds them to Tensor as
 methods and operators.
 """
 
