@@ -370,7 +370,7 @@ def format_op_breakdown(summary: dict) -> list:
     if not rows:
         return []
     names = ("conv forward", "conv backward", "pool", "rest", "step")
-    lines = ["", f"per-op step breakdown, ms (instrumented steps after the measured ones; pool = forward + backward):",
+    lines = ["", "per-op step breakdown, ms (instrumented steps after the measured ones; pool = forward + backward):",
              f"  {'system':<22}" + "".join(f"{name:>15}" for name in names)]
     for s in rows:
         b = dict(s["op_breakdown_s"])
