@@ -1,0 +1,136 @@
+"""Causal multi-head self-attention as one op: softmax(q k^T / sqrt(d) + causal mask) v per head.
+
+The input is the fused projection `qkv` (B, T, 3C) = [q | k | v], each C = heads * d wide, as a
+Linear(C, 3C) makes it; the output is (B, T, C) with the heads side by side, ready for the output
+projection. Heads are strided views of qkv and of the output, so no transposed copies are made: every
+matrix product is one batched BLAS call reading and writing those views. The attention weights
+P (B, H, T, T) are the only activation kept for backward. Softmax and its backward are fused kernels
+that touch only the causal half of each row; without numba they are numpy passes over the masked rows.
+
+Backward: dV = P^T dY; dP = dY V^T; dS = P * (dP - rowsum(P * dP)) / sqrt(d); dQ = dS K; dK = dS^T Q.
+"""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+
+from ..tensor import Tensor
+from . import jit
+from .node import _result, as_tensor
+
+
+def causal_self_attention(qkv, heads: int) -> Tensor:
+    """Causal self-attention of `qkv` (B, T, 3C) with `heads` heads of C / heads features -> (B, T, C)."""
+    qkv = as_tensor(qkv)
+    if qkv.ndim != 3 or qkv.shape[2] % 3:
+        raise ValueError(f"causal_self_attention: qkv must be (batch, time, 3 * features), got shape {qkv.shape}")
+    if qkv.dtype.kind != "f":
+        raise TypeError(f"causal_self_attention: qkv must be float, got dtype {qkv.dtype}")
+    batch, time, width = qkv.shape
+    features = width // 3
+    if not isinstance(heads, (int, np.integer)) or heads < 1 or features % heads:
+        raise ValueError(f"causal_self_attention: {features} features do not split into heads = {heads!r} "
+                         f"(features must be divisible by a positive head count)")
+    data = np.ascontiguousarray(qkv.data)
+    q, k, v = _heads(data, heads)
+    scale = qkv.dtype.type(1.0 / math.sqrt(features // heads))
+    weights = np.matmul(q, k.swapaxes(-1, -2))  # scores now, attention weights after the softmax
+    _softmax_causal(weights, scale)
+    out = np.empty((batch, time, features), qkv.dtype)
+    np.matmul(weights, v, out=_head_view(out, heads))
+
+    def backward(g):
+        g_heads = _head_view(np.ascontiguousarray(g), heads)
+        grad = np.empty_like(data)
+        dq, dk, dv = _heads(grad, heads)
+        np.matmul(weights.swapaxes(-1, -2), g_heads, out=dv)
+        d_scores = np.matmul(g_heads, v.swapaxes(-1, -2))
+        _softmax_causal_backward(weights, d_scores, scale)
+        np.matmul(d_scores, k, out=dq)
+        np.matmul(d_scores.swapaxes(-1, -2), q, out=dk)
+        return (grad,)
+    return _result(out, (qkv,), backward)
+
+
+def _heads(qkv: np.ndarray, heads: int) -> tuple:
+    """(q, k, v) views (B, H, T, d) of a contiguous (B, T, 3C) array."""
+    batch, time, width = qkv.shape
+    split = qkv.reshape(batch, time, 3, heads, width // (3 * heads))
+    return tuple(split[:, :, i].transpose(0, 2, 1, 3) for i in range(3))
+
+
+def _head_view(array: np.ndarray, heads: int) -> np.ndarray:
+    """A view (B, H, T, d) of a contiguous (B, T, C) array."""
+    batch, time, features = array.shape
+    return array.reshape(batch, time, heads, features // heads).transpose(0, 2, 1, 3)
+
+
+def _softmax_causal(scores: np.ndarray, scale) -> None:
+    """In place over (..., T, T) scores: row i becomes softmax(scale * scores[i, :i+1]), then zeros."""
+    rows = scores.reshape(-1, scores.shape[-2], scores.shape[-1])
+    kernels = _kernels()
+    if kernels is not None:
+        kernels.softmax(rows, scale)
+        return
+    upper = np.triu(np.ones(rows.shape[1:], dtype=bool), 1)
+    rows *= scale
+    rows[:, upper] = -np.inf
+    rows -= rows.max(axis=-1, keepdims=True)
+    np.exp(rows, out=rows)
+    rows /= rows.sum(axis=-1, keepdims=True)
+
+
+def _softmax_causal_backward(weights: np.ndarray, d_weights: np.ndarray, scale) -> None:
+    """In place: d_weights (the gradient of the attention weights) becomes that of the raw scores."""
+    p = weights.reshape(-1, weights.shape[-2], weights.shape[-1])
+    dp = d_weights.reshape(p.shape)
+    kernels = _kernels()
+    if kernels is not None:
+        kernels.softmax_backward(p, dp, scale)
+        return
+    dp -= np.einsum("gij,gij->gi", p, dp)[..., None]
+    dp *= p
+    dp *= scale
+
+
+@jit.kernels
+def _kernels(numba):
+    """Causal softmax forward and backward, one pass per row over its first i + 1 entries."""
+    from types import SimpleNamespace
+
+    exp, prange = jit.math_kernels(numba).exp, numba.prange
+
+    @jit.jit(numba, parallel=True)
+    def softmax(s, scale):
+        groups, t, _ = s.shape
+        for g in prange(groups):
+            for i in range(t):
+                row = s[g, i]
+                peak = row[0]
+                for j in range(1, i + 1):
+                    peak = max(peak, row[j])
+                total = scale - scale  # zero of the array's dtype
+                for j in range(i + 1):
+                    e = exp((row[j] - peak) * scale)
+                    row[j] = e
+                    total += e
+                inverse = np.float32(1.0) / total
+                for j in range(i + 1):
+                    row[j] *= inverse
+                row[i + 1:] = 0
+
+    @jit.jit(numba, parallel=True)
+    def softmax_backward(p, dp, scale):
+        groups, t, _ = p.shape
+        for g in prange(groups):
+            for i in range(t):
+                dot = scale - scale
+                for j in range(i + 1):
+                    dot += p[g, i, j] * dp[g, i, j]
+                for j in range(i + 1):
+                    dp[g, i, j] = p[g, i, j] * (dp[g, i, j] - dot) * scale
+                dp[g, i, i + 1:] = 0
+
+    return SimpleNamespace(softmax=softmax, softmax_backward=softmax_backward)
