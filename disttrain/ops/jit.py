@@ -14,10 +14,12 @@ arithmetic that vectorises (2x faster than numpy's exp, within 4e-7 relative err
 
 from __future__ import annotations
 
+import contextlib
 import os
 
 _numba = None  # the numba module once imported, False when unavailable or disabled
 _threads = None  # threads for prange loops; None: the BLAS thread count, looked up on first use
+_numpy_only = False  # set inside numpy_only(): every op takes its numpy path
 FASTMATH = {"reassoc", "contract", "nsz", "arcp"}  # vectorised sums; never assumes no inf/NaN
 ROW_BLOCK = 64  # rows per block of a cross-row reduction (fixed: results must not depend on threads)
 
@@ -42,6 +44,8 @@ def kernels(factory):
     built = []
 
     def get():
+        if _numpy_only:
+            return None
         if not built:
             numba = numba_module()
             built.append(factory(numba) if numba else None)
@@ -51,6 +55,17 @@ def kernels(factory):
     get.__name__ = factory.__name__
     get.__doc__ = factory.__doc__
     return get
+
+
+@contextlib.contextmanager
+def numpy_only():
+    """Inside this block every op takes its numpy path, numba or not (to compare the two)."""
+    global _numpy_only
+    previous, _numpy_only = _numpy_only, True
+    try:
+        yield
+    finally:
+        _numpy_only = previous
 
 
 def set_threads(threads: int) -> None:
