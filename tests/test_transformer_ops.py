@@ -215,27 +215,3 @@ def test_dropout_op_is_deterministic_given_the_generator_and_rejects_p_of_one():
     np.testing.assert_array_equal(a, ops.dropout(x, 0.5, np.random.default_rng(1)).data)
     with pytest.raises(ValueError, match=r"\[0, 1\)"):
         ops.dropout(x, 1.0, np.random.default_rng(1))
-
-
-# ---------------------------------------------------------------------------------- kernel threading
-def test_kernel_results_do_not_depend_on_the_thread_count():
-    if jit.numba_module() is None:
-        pytest.skip("numba is not installed: the numpy path uses no kernel threads")
-    rng = np.random.default_rng(7)
-    x = rng.standard_normal((300, 64)).astype(np.float32)
-    qkv = rng.standard_normal((3, 33, 48)).astype(np.float32)
-    results = []
-    before = jit.threads()
-    try:
-        for threads in (1, 2):
-            jit.set_threads(threads)
-            xt = Tensor(x, requires_grad=True)
-            w, b = Tensor(np.ones(64, np.float32), requires_grad=True), Tensor(np.zeros(64, np.float32), requires_grad=True)
-            ops.layer_norm(xt, w, b).backward(np.cos(x))
-            qt = Tensor(qkv, requires_grad=True)
-            ops.causal_self_attention(qt, 4).backward(np.ones((3, 33, 16), np.float32))
-            results.append([np.array(t.grad) for t in (xt, w, b, qt)])
-    finally:
-        jit.set_threads(before)
-    for one, two in zip(*results):
-        np.testing.assert_array_equal(one, two)

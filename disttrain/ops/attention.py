@@ -136,12 +136,12 @@ def _kernels(numba):
     """Causal softmax forward and backward, one pass per row over its first i + 1 entries."""
     from types import SimpleNamespace
 
-    exp, prange = jit.math_kernels(numba).exp, numba.prange
+    exp = jit.math_kernels(numba).exp
 
-    @jit.jit(numba, parallel=True)
+    @jit.jit(numba)
     def softmax(s, scale):
         groups, t, _ = s.shape
-        for g in prange(groups):
+        for g in range(groups):
             for i in range(t):
                 row = s[g, i]
                 peak = row[0]
@@ -157,10 +157,10 @@ def _kernels(numba):
                     row[j] *= inverse
                 row[i + 1:] = 0
 
-    @jit.jit(numba, parallel=True)
+    @jit.jit(numba)
     def softmax_backward(p, dp, scale):
         groups, t, _ = p.shape
-        for g in prange(groups):
+        for g in range(groups):
             for i in range(t):
                 dot = scale - scale
                 for j in range(i + 1):

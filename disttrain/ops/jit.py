@@ -3,9 +3,12 @@ softmax, embedding scatter-add, GELU): compiled on first use when numba is insta
 takes its plain numpy path. Set DISTTRAIN_NUMBA=0 to force numpy.
 
 A kernel module registers a factory with `@kernels`; calling the returned getter gives the factory's
-compiled kernels, or None without numba. Kernels run their outer loop over rows with `prange` on
-`threads()` threads: every row is computed by one thread, and reductions across rows go through
-fixed-size blocks summed in order, so a result never depends on the thread count.
+compiled kernels, or None without numba. Kernels run on the calling thread only. With 2 cores, the
+BLAS threads of the matrix products stay busy-waiting for a while after each product, and a second
+thread pool (numba's OpenMP) fighting them for the cores made whole training steps 2x slower
+(measured, GPT batch 32 x 128). The kernels are ~12% of such a step on one thread, so a perfect
+second thread could save ~6%.
+Reductions across rows go through fixed blocks of ROW_BLOCK rows, summed in order.
 
 numba compiles exp and tanh to scalar libm calls (5-30x slower than numpy's SIMD loops), so the
 kernels call `math_kernels(numba).exp` instead: exp from a range reduction and a polynomial, plain
@@ -18,10 +21,9 @@ import contextlib
 import os
 
 _numba = None  # the numba module once imported, False when unavailable or disabled
-_threads = None  # threads for prange loops; None: the BLAS thread count, looked up on first use
 _numpy_only = False  # set inside numpy_only(): every op takes its numpy path
 FASTMATH = {"reassoc", "contract", "nsz", "arcp"}  # vectorised sums; never assumes no inf/NaN
-ROW_BLOCK = 64  # rows per block of a cross-row reduction (fixed: results must not depend on threads)
+ROW_BLOCK = 64  # rows per block of a cross-row reduction (partial sums keep float32 sums accurate)
 
 
 def numba_module():
@@ -49,8 +51,6 @@ def kernels(factory):
         if not built:
             numba = numba_module()
             built.append(factory(numba) if numba else None)
-        if built[0] is not None:
-            _apply_threads()
         return built[0]
     get.__name__ = factory.__name__
     get.__doc__ = factory.__doc__
@@ -68,38 +68,10 @@ def numpy_only():
         _numpy_only = previous
 
 
-def set_threads(threads: int) -> None:
-    """Threads for the kernels' parallel loops (the trainer sets it with the BLAS thread count)."""
-    global _threads
-    if int(threads) < 1:
-        raise ValueError(f"threads must be a positive integer, got {threads!r}")
-    _threads = int(threads)
-
-
-def threads() -> int:
-    """Threads the kernels use: set_threads()'s value, else the BLAS thread count of this process."""
-    global _threads
-    if _threads is None:
-        try:
-            from threadpoolctl import threadpool_info
-            counts = [info["num_threads"] for info in threadpool_info() if info.get("user_api") == "blas"]
-            _threads = max(1, min(counts)) if counts else 1
-        except ImportError:  # pragma: no cover - threadpoolctl is a dependency
-            _threads = 1
-    return _threads
-
-
-def _apply_threads() -> None:
-    numba = _numba
-    wanted = min(threads(), numba.config.NUMBA_NUM_THREADS)
-    if numba.get_num_threads() != wanted:
-        numba.set_num_threads(wanted)
-
-
-def jit(numba, parallel: bool = False):
+def jit(numba):
     """numba.njit with the options every kernel uses: cached, no GIL, numpy's error model (no
     zero-division checks that would stop vectorisation), reassociating float math."""
-    return numba.njit(cache=True, nogil=True, error_model="numpy", fastmath=FASTMATH, parallel=parallel)
+    return numba.njit(cache=True, nogil=True, error_model="numpy", fastmath=FASTMATH)
 
 
 _math = None

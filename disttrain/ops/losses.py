@@ -77,12 +77,12 @@ def _kernels(numba):
     """Row-parallel softmax cross-entropy: loss and log-normaliser per row; gradient per row."""
     from types import SimpleNamespace
 
-    exp, prange = jit.math_kernels(numba).exp, numba.prange
+    exp = jit.math_kernels(numba).exp
 
-    @jit.jit(numba, parallel=True)
+    @jit.jit(numba)
     def forward(rows, targets, losses, log_norm):
         n, classes = rows.shape
-        for i in prange(n):
+        for i in range(n):
             peak = rows[i, 0]
             for j in range(1, classes):
                 peak = max(peak, rows[i, j])
@@ -92,10 +92,10 @@ def _kernels(numba):
             log_norm[i] = peak + np.log(total)
             losses[i] = log_norm[i] - rows[i, targets[i]]
 
-    @jit.jit(numba, parallel=True)
+    @jit.jit(numba)
     def backward(rows, targets, log_norm, step, grad):
         n, classes = rows.shape
-        for i in prange(n):
+        for i in range(n):
             for j in range(classes):
                 grad[i, j] = exp(rows[i, j] - log_norm[i]) * step
             grad[i, targets[i]] -= step

@@ -86,12 +86,12 @@ def _kernels(numba):
     """Row-parallel layer-norm kernels."""
     from types import SimpleNamespace
 
-    prange, block = numba.prange, jit.ROW_BLOCK
+    block = jit.ROW_BLOCK
 
-    @jit.jit(numba, parallel=True)
+    @jit.jit(numba)
     def forward(x, weight, bias, eps, inv_c, y, mean, rstd):
         n, c = x.shape
-        for i in prange(n):
+        for i in range(n):
             total = np.float32(0.0)
             for j in range(c):
                 total += x[i, j]
@@ -106,10 +106,10 @@ def _kernels(numba):
             for j in range(c):
                 y[i, j] = (x[i, j] - m) * r * weight[j] + bias[j]
 
-    @jit.jit(numba, parallel=True)
+    @jit.jit(numba)
     def backward(g, x, mean, rstd, weight, inv_c, dx, dw_parts, db_parts):
         n, c = x.shape
-        for b in prange(dw_parts.shape[0]):
+        for b in range(dw_parts.shape[0]):
             dw_parts[b, :] = 0
             db_parts[b, :] = 0
             for i in range(b * block, min(n, (b + 1) * block)):

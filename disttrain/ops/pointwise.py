@@ -107,20 +107,20 @@ def _kernels(numba):
     """GELU forward and backward, each one vectorised pass."""
     from types import SimpleNamespace
 
-    exp, prange = jit.math_kernels(numba).exp, numba.prange
+    exp = jit.math_kernels(numba).exp
 
-    @jit.jit(numba, parallel=True)
+    @jit.jit(numba)
     def gelu(x, c, k, gate, y):
-        for i in prange(x.size):
+        for i in range(x.size):
             xi = x[i]
             u = c * (xi + k * xi * xi * xi)
             s = np.float32(1.0) / (np.float32(1.0) + exp(np.float32(-2.0) * u))
             gate[i] = s
             y[i] = xi * s
 
-    @jit.jit(numba, parallel=True)
+    @jit.jit(numba)
     def gelu_backward(g, x, gate, c, k, grad):
-        for i in prange(x.size):
+        for i in range(x.size):
             xi, s = x[i], gate[i]
             du = np.float32(2.0) * c * (np.float32(1.0) + np.float32(3.0) * k * xi * xi)
             grad[i] = g[i] * (s + xi * s * (np.float32(1.0) - s) * du)
