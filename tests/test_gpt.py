@@ -178,3 +178,20 @@ def test_one_forward_backward_matches_pytorch_from_the_same_weights_and_batch(ti
     for name, param in model.named_parameters():
         scale = np.abs(expected[name]).max()
         np.testing.assert_allclose(param.grad, expected[name], rtol=1e-3, atol=1e-5 * scale, err_msg=name)
+
+
+def test_the_example_config_is_the_anchor_recipe_on_the_standard_library(tmp_path, monkeypatch):
+    import os
+
+    from disttrain.datasets import load_data
+
+    monkeypatch.setenv("DISTTRAIN_CACHE_DIR", str(tmp_path))
+    config = load_config(os.path.join(os.path.dirname(__file__), "..", "examples", "gpt_stdlib.toml"))
+    assert (config["optimizer"]["name"], config["optimizer"]["lr"], config["optimizer"]["weight_decay"],
+            config["training"]["batch_size"]) == ("adamw", 0.001, 0.1, 32)
+    model = models.build_model(config["model"], (128,), 256, rng=np.random.default_rng(0))
+    assert sum(p.size for p in model.parameters()) == 842_496
+    train, val, info = load_data(config["data"], None, config["model"]["block_size"])
+    assert info["task"] == "language_model" and len(val) == 1000
+    x, y = train[np.array([0, 1])]
+    assert model(x).shape == (2, 128, 256) and ops.cross_entropy(model(x), y).item() == pytest.approx(np.log(256), rel=0.05)

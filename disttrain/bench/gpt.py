@@ -7,7 +7,7 @@
    on 1 process x (cores) threads and on (cores) ranks x 1 thread (torch: DistributedDataParallel over
    gloo). Tokens/s is global tokens over the slowest rank's time for the measured steps. The anchors
    are the faster torch variant in the same round; a ratio is taken round by round, then the median.
-2. Step-time breakdown per system (one profiled run each), and the peak resident memory per rank.
+2. Step-time breakdown per system (one profiled run each); the peak resident memory per rank (speed runs).
 3. Learning: `curve_steps` steps of disttrain and of torch (fused attention) on 1 process from the same
    weights and batches; the loss of every step and the validation loss (every validation window)
    at the start, at each third and at the end.
@@ -82,15 +82,17 @@ def speed_runs(args, cores: int, sides: list, workdir: str) -> dict:
     """{(side, ranks): [tokens/s per round]} and the phases, measured round after round."""
     plan = [(side, ranks) for ranks in (1, cores) for side in sides] if cores > 1 else [(s, 1) for s in sides]
     results = {run: [] for run in plan}
-    phases = {}
+    phases, peaks = {}, {}
     for round_index in range(args.rounds):
         for side, ranks in plan:
             records = run_worker(side, ranks, cores // ranks, "speed", args.steps, args.warmup, args, workdir)
             results[(side, ranks)].append(records[0]["tokens_per_s"])
             phases.setdefault((side, ranks), []).append(records[0]["phases"])
+            previous = peaks.get((side, ranks), [0] * ranks)
+            peaks[(side, ranks)] = [max(a, r["peak_rss_bytes"]) for a, r in zip(previous, records)]
             print(f"round {round_index + 1}/{args.rounds}  {side} {ranks} x {cores // ranks} threads: "
                   f"{records[0]['tokens_per_s']:,.0f} tokens/s", file=sys.stderr, flush=True)
-    return {"tokens_per_s": results, "phases": phases}
+    return {"tokens_per_s": results, "phases": phases, "peak_rss_bytes": peaks}
 
 
 def ratios(tokens: dict, ranks: int, sides: list) -> dict | None:
@@ -120,13 +122,13 @@ def main(argv=None) -> int:
                           "source": source_version(), "python": sys.executable},
                "tokens_per_s": {f"{s}@{r}": v for (s, r), v in tokens.items()},
                "phases": {f"{s}@{r}": v for (s, r), v in speed["phases"].items()},
+               "peak_rss_bytes": {f"{s}@{r}": v for (s, r), v in speed["peak_rss_bytes"].items()},
                "ratio_one_process": ratios(tokens, 1, sides), "ratio_ranks": ratios(tokens, cores, sides)}
     if args.profile_steps:
-        summary["breakdown"], summary["peak_rss_bytes"] = {}, {}
+        summary["breakdown"] = {}
         for side, ranks in tokens:
             records = run_worker(side, ranks, cores // ranks, "profile", args.profile_steps, 3, args, workdir)
             summary["breakdown"][f"{side}@{ranks}"] = records[0]["breakdown"]
-            summary["peak_rss_bytes"][f"{side}@{ranks}"] = [r["peak_rss_bytes"] for r in records]
     if args.curve_steps:
         third = max(args.curve_steps // 3, 1)
         eval_at = ",".join(str(s) for s in sorted({0, third, 2 * third, args.curve_steps}))
@@ -168,8 +170,8 @@ def format_report(summary: dict, cores: int) -> str:
         for category in CATEGORIES:
             lines.append(f"{category:<15}" + "".join(f"{summary['breakdown'][k].get(category, 0) * 1e3:>18.1f}"
                                                       for k in keys))
-        lines.append(f"{'peak RSS MiB':<15}" + "".join(
-            f"{'/'.join(str(round(b / 2**20)) for b in summary['peak_rss_bytes'][k]):>18}" for k in keys))
+    lines += ["", "peak resident memory per rank, MiB (speed runs, largest over the rounds): " + "; ".join(
+        f"{k} {'/'.join(str(round(b / 2**20)) for b in v)}" for k, v in summary["peak_rss_bytes"].items())]
     if "curves" in summary:
         curves = summary["curves"]
         sides = list(curves)
