@@ -18,6 +18,19 @@ from test_ops_gradcheck import gradcheck
 PATHS = ["numba", "numpy"]
 
 
+def test_with_numba_every_op_has_its_kernels():
+    import importlib
+
+    if jit.numba_module() is None:
+        pytest.skip("numba is not installed: only the numpy path exists here")
+    modules = [importlib.import_module(f"disttrain.ops.{name}")
+               for name in ("attention", "embedding", "losses", "normalization", "pointwise")]
+    for module in modules:
+        assert module._kernels() is not None, module.__name__
+    with jit.numpy_only():
+        assert all(module._kernels() is None for module in modules)
+
+
 def _path(name):
     if name == "numba" and jit.numba_module() is None:
         pytest.skip("numba is not installed (pip install 'disttrain[fast]'): only the numpy path exists here")
@@ -137,6 +150,41 @@ def test_attention_is_stable_for_large_scores(path):
         out = ops.causal_self_attention(qkv, 2).data
     assert np.all(np.isfinite(out))
     np.testing.assert_allclose(out[0, 2], [3.0, 4.0], rtol=1e-6)  # equal scores: the mean of the values
+
+
+class _PoisonedNumpy:
+    """numpy, except that empty/empty_like return arrays full of NaN (or of the largest integer)."""
+
+    def __getattr__(self, name):
+        return getattr(np, name)
+
+    @staticmethod
+    def empty(*args, **kwargs):
+        array = np.empty(*args, **kwargs)
+        array.fill(np.nan if array.dtype.kind == "f" else np.iinfo(array.dtype).max)
+        return array
+
+    @staticmethod
+    def empty_like(*args, **kwargs):
+        array = np.empty_like(*args, **kwargs)
+        array.fill(np.nan if array.dtype.kind == "f" else np.iinfo(array.dtype).max)
+        return array
+
+
+@pytest.mark.parametrize("path", PATHS)
+def test_attention_never_reads_the_unwritten_part_of_its_scratch_arrays(path, monkeypatch):
+    from disttrain.ops import attention
+
+    rng = np.random.default_rng(8)
+    qkv = rng.standard_normal((2, 9, 12))
+    with _path(path):
+        expected_out = ops.causal_self_attention(Tensor(qkv, dtype=np.float64), 2)
+        monkeypatch.setattr(attention, "np", _PoisonedNumpy())
+        tensor = Tensor(qkv, requires_grad=True, dtype=np.float64)
+        out = ops.causal_self_attention(tensor, 2)
+        out.backward(np.ones(out.shape))
+    np.testing.assert_allclose(out.data, expected_out.data, rtol=1e-12)
+    assert np.all(np.isfinite(tensor.grad))
 
 
 @pytest.mark.parametrize("bad, message", [

@@ -74,7 +74,7 @@ def cross_entropy(logits: Tensor, labels, reduction: str = "mean") -> Tensor:
 
 @jit.kernels
 def _kernels(numba):
-    """Row-parallel softmax cross-entropy: loss and log-normaliser per row; gradient per row."""
+    """Softmax cross-entropy row by row: loss and log-normaliser per row; gradient per row."""
     from types import SimpleNamespace
 
     exp = jit.math_kernels(numba).exp
@@ -99,6 +99,8 @@ def _kernels(numba):
             for j in range(classes):
                 grad[i, j] = exp(rows[i, j] - log_norm[i]) * step
             grad[i, targets[i]] -= step
+
+    return SimpleNamespace(forward=forward, backward=backward)
 
 
 def mse_loss(prediction: Tensor, target, reduction: str = "mean") -> Tensor:

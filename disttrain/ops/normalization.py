@@ -2,7 +2,7 @@
 
 y = (x - mean) / sqrt(var + eps) * weight + bias, with the mean and (biased) variance of each row.
 Only the per-row mean and 1/std are kept for backward, which recomputes the normalised rows from x.
-With numba the passes are kernels parallel over rows; without it, a few whole-array numpy passes.
+With numba each pass is one kernel over the rows; without it, a few whole-array numpy passes.
 """
 
 from __future__ import annotations
@@ -83,7 +83,7 @@ def _backward(g, rows, mean, rstd, weight):
 
 @jit.kernels
 def _kernels(numba):
-    """Row-parallel layer-norm kernels."""
+    """Layer-norm kernels, row by row."""
     from types import SimpleNamespace
 
     block = jit.ROW_BLOCK
