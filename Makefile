@@ -9,12 +9,13 @@ STAMP := $(VENV)/.installed
 export MPIEXEC_TIMEOUT ?= 600
 MPI_PYTEST := $(BIN)/mpiexec -n
 
-.PHONY: install run test test-serial test-mpi bench bench-deps soak clean help
+.PHONY: install run test test-serial test-mpi bench bench-gpt bench-deps soak clean help
 
 help:
 	@echo "make run      train the default example (digits MLP) on 2 ranks"
 	@echo "make test     the whole test suite (serial, then MPI at 2 and 3 ranks)"
 	@echo "make bench    throughput/memory benchmark against hand-written numpy (and PyTorch if installed)"
+	@echo "make bench-gpt  the byte-level GPT against PyTorch: speed, step-time breakdown, memory, loss curves"
 	@echo "make bench-deps  install the CPU build of PyTorch for the benchmark's PyTorch columns"
 	@echo "make soak     long fault-injection run (random SIGTERM/SIGKILL, resume, compare)"
 	@echo "make install  create .venv with disttrain and its MPI, test extras"
@@ -44,6 +45,10 @@ test-mpi: install
 # options after ARGS=, e.g. make bench ARGS="--preset small" (disttrain bench --help lists them)
 bench: install
 	PATH=$(abspath $(BIN)):$$PATH $(BIN)/python -m disttrain.bench $(ARGS)
+
+# options after ARGS=, e.g. make bench-gpt ARGS="--rounds 5" (python -m disttrain.bench.gpt --help lists them)
+bench-gpt: install
+	PATH=$(abspath $(BIN)):$$PATH $(BIN)/python -m disttrain.bench.gpt $(ARGS)
 
 # PyTorch (CPU build) for the benchmark's DDP columns; the benchmark runs without it and says so
 bench-deps: install
