@@ -9,13 +9,14 @@ STAMP := $(VENV)/.installed
 export MPIEXEC_TIMEOUT ?= 600
 MPI_PYTEST := $(BIN)/mpiexec -n
 
-.PHONY: install run test test-serial test-mpi test-openmpi bench bench-deps bench-multihost soak clean help
+.PHONY: install run test test-serial test-mpi test-openmpi bench bench-gpt bench-deps bench-multihost soak clean help
 
 help:
 	@echo "make run      train the default example (digits MLP, bundled in the package) on 2 ranks"
 	@echo "make test     the whole test suite (serial, then MPI at 2 and 3 ranks)"
 	@echo "make test-openmpi  the MPI tests and launcher tests under Debian's Open MPI (apt, own venv)"
 	@echo "make bench    throughput/memory benchmark against hand-written numpy (and PyTorch if installed)"
+	@echo "make bench-gpt  the byte-level GPT against PyTorch: speed, step-time breakdown, memory, loss curves"
 	@echo "make bench-deps  install the CPU build of PyTorch for the benchmark's PyTorch columns"
 	@echo "make bench-multihost  disttrain vs PyTorch DDP across 2 fake hosts with 1 Gbit/s links (root)"
 	@echo "make soak     long fault-injection run (random SIGTERM/SIGKILL, resume, compare)"
@@ -58,6 +59,10 @@ test-openmpi: install
 # options after ARGS=, e.g. make bench ARGS="--preset small" (disttrain bench --help lists them)
 bench: install
 	PATH=$(abspath $(BIN)):$$PATH $(BIN)/python -m disttrain.bench $(ARGS)
+
+# options after ARGS=, e.g. make bench-gpt ARGS="--rounds 5" (python -m disttrain.bench.gpt --help lists them)
+bench-gpt: install
+	PATH=$(abspath $(BIN)):$$PATH $(BIN)/python -m disttrain.bench.gpt $(ARGS)
 
 # PyTorch (CPU build) for the benchmark's DDP columns; the benchmark runs without it and says so
 bench-deps: install

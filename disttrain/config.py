@@ -89,18 +89,26 @@ SCHEMA = {
     "model": {
         "name": Field("str", "mlp", "built-in model, or 'module:callable' importable from the working "
                       "directory (called with input_shape=, classes= and the [model.options] table)",
-                      choices=("mlp", "cnn"), or_callable=True),
+                      choices=("mlp", "cnn", "gpt"), or_callable=True),
         "hidden": Field("ints", [128], "mlp: widths of the hidden layers; cnn: widths of the fully connected "
                         "layers between the convolutions and the output ([] for none)"),
         "activation": Field("str", "relu", "mlp: hidden activation", choices=("relu", "tanh", "gelu", "sigmoid")),
-        "dropout": Field("float", 0.0, "mlp: dropout probability after each hidden layer", low=0.0, high=1.0,
-                         high_open=True),
+        "dropout": Field("float", 0.0, "mlp: dropout probability after each hidden layer; gpt: after the "
+                         "embeddings, each attention projection and each MLP", low=0.0, high=1.0, high_open=True),
         "channels": Field("ints", [16, 32], "cnn: channels of the two 3x3 convolution blocks"),
         "options": Field("table", {}, "keyword arguments for a 'module:callable' model"),
+        # gpt: a decoder-only transformer over byte tokens (disttrain/transformer.py)
+        "vocab": Field("int", 256, "gpt: token vocabulary (256 for byte-level text)", low=1),
+        "n_layer": Field("int", 4, "gpt: transformer blocks", low=1),
+        "n_head": Field("int", 4, "gpt: attention heads (must divide n_embd)", low=1),
+        "n_embd": Field("int", 128, "gpt: width of the residual stream", low=1),
+        "block_size": Field("int", 128, "gpt: context length in tokens (also the text data set's window)", low=1),
+        "tie_embeddings": Field("bool", True, "gpt: the output projection is the token embedding (one parameter)"),
     },
     "data": {
-        "name": Field("str", "digits", "data set", choices=("digits", "idx", "npy", "synthetic")),
-        "path": Field("str", "", "idx: directory of *-idx3-ubyte[.gz] files; npy: features .npy or .npz file"),
+        "name": Field("str", "digits", "data set", choices=("digits", "idx", "npy", "synthetic", "text")),
+        "path": Field("str", "", "idx: directory of *-idx3-ubyte[.gz] files; npy: features .npy or .npz file; "
+                      "text: a UTF-8 file or folder of files (empty: the .py files of Python's standard library)"),
         "labels": Field("str", "", "npy: labels .npy file (or key in the .npz; default 'y')"),
         "test_path": Field("str", "", "npy: test features file (default: split off test_fraction)"),
         "test_labels": Field("str", "", "npy: test labels file"),
@@ -117,6 +125,10 @@ SCHEMA = {
                       choices=("auto", "classification", "regression")),
         "noise": Field("float", 0.1, "synthetic: label/target noise", low=0.0),
         "seed": Field("int", 0, "synthetic: generator seed", low=0),
+        "val_fraction": Field("float", 0.1, "text: the final share of the text held out for validation",
+                              low=0.0, high=1.0, low_open=True, high_open=True),
+        "eval_windows": Field("int", 0, "text: validation windows, spread evenly over the validation text "
+                              "(0: every non-overlapping window)", low=0),
     },
     "optimizer": {
         "name": Field("str", "adam", "update rule", choices=("sgd", "adam", "adamw")),
@@ -281,10 +293,24 @@ def load_config(path: str | None, overrides=()) -> dict:
 
 def check_consistency(config: dict) -> None:
     """Raise ConfigError when keys that are valid alone do not work together (the config is not changed)."""
+    check_gpt(config)
     optimizer = config["optimizer"]
     if not optimizer["sharded"] and optimizer["strategy"] == "reduce_scatter":
         raise ConfigError("optimizer.sharded = false needs optimizer.strategy = 'allreduce' "
                           "(with reduce_scatter each rank only receives its own share of the gradient)")
+
+
+def check_gpt(config: dict) -> None:
+    """The [model] keys of a gpt that depend on each other or on the data set."""
+    model = config["model"]
+    if model["name"] != "gpt":
+        return
+    if model["n_embd"] % model["n_head"]:
+        raise ConfigError(f"model.n_embd = {model['n_embd']} is not allowed with model.n_head = {model['n_head']}: "
+                          f"n_embd must be divisible by n_head (each head gets n_embd / n_head features)")
+    if config.get("data", {}).get("name") == "text" and model["vocab"] < 256:
+        raise ConfigError(f"model.vocab = {model['vocab']} is not allowed with data.name = 'text': its tokens are "
+                          f"bytes, so vocab must be >= 256")
 
 
 def describe() -> str:

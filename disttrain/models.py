@@ -67,6 +67,16 @@ def cnn(input_shape, classes: int, channels=(16, 32), hidden=(64,), rng=None):
     return nn.Sequential(*layers)
 
 
+def gpt(section: dict, rng=None) -> nn.Module:
+    """The GPT (disttrain/transformer.py) that the [model] keys vocab, n_layer, n_head, n_embd,
+    block_size, dropout and tie_embeddings describe."""
+    from .transformer import GPT
+
+    return GPT(vocab=section["vocab"], n_layer=section["n_layer"], n_head=section["n_head"],
+               n_embd=section["n_embd"], block_size=section["block_size"], dropout=section["dropout"],
+               tie_embeddings=section["tie_embeddings"], rng=rng)
+
+
 def user_callable(spec: str):
     """The object named by 'module:attribute', importable from the working directory."""
     module_name, _, attribute = spec.partition(":")
@@ -86,12 +96,15 @@ def user_callable(spec: str):
 
 
 def build_model(section: dict, input_shape, classes: int, rng=None) -> nn.Module:
-    """The model the validated [model] section describes, for samples of `input_shape`."""
+    """The model the validated [model] section describes, for samples of `input_shape` (a gpt takes
+    its sizes from the section alone)."""
     name = section["name"]
     if name == "mlp":
         return mlp(input_shape, classes, section["hidden"], section["activation"], section["dropout"], rng)
     if name == "cnn":
         return cnn(input_shape, classes, section["channels"], section["hidden"], rng)
+    if name == "gpt":
+        return gpt(section, rng)
     factory = user_callable(name)
     check_factory_accepts(factory, name, section["options"])
     model = factory(input_shape=tuple(input_shape), classes=classes, **section["options"])

@@ -279,12 +279,12 @@ class Dropout(Module):
         x = ops.as_tensor(x)
         if not self.training or self.p == 0.0:
             return x
-        keep = (self.rng or _default_rng).random(x.shape, dtype=np.float32) >= self.p
-        return ops.mul(x, keep * x.dtype.type(1.0 / (1.0 - self.p)))
+        return ops.dropout(x, self.p, self.rng or _default_rng)
 
 
-class LayerNorm1d(Module):
-    """Normalises the last axis to zero mean, unit variance, then scales and shifts (both learned)."""
+class LayerNorm(Module):
+    """Normalises the last axis of (..., dim) to zero mean and unit variance, then scales and shifts
+    by the learned `weight` (ones) and `bias` (zeros); forward and backward are fused (ops.layer_norm)."""
 
     def __init__(self, dim: int, eps: float = 1e-5):
         _check_positive(dim=dim)
@@ -294,11 +294,13 @@ class LayerNorm1d(Module):
 
     def forward(self, x):
         x = ops.as_tensor(x, self.weight)
-        if x.shape[-1] != self.weight.shape[0]:
-            raise ValueError(f"LayerNorm1d: input shape {x.shape} does not end in {self.weight.shape[0]}")
-        centred = x - ops.mean(x, axis=-1, keepdims=True)
-        variance = ops.mean(centred * centred, axis=-1, keepdims=True)
-        return centred / ops.sqrt(variance + self.eps) * self.weight + self.bias
+        if x.ndim == 0 or x.shape[-1] != self.weight.shape[0]:
+            raise ValueError(f"{type(self).__name__}: input shape {x.shape} does not end in {self.weight.shape[0]}")
+        return ops.layer_norm(x, self.weight, self.bias, self.eps)
+
+
+class LayerNorm1d(LayerNorm):
+    """LayerNorm under its earlier name: normalises the last axis (any number of leading axes)."""
 
 
 class BatchNorm1d(Module):
@@ -367,19 +369,20 @@ class MaxPool2d(Module):
 
 
 class Embedding(Module):
-    """Rows of a (num_embeddings, dim) table picked by integer indices of any shape."""
+    """Rows of a (num_embeddings, dim) table picked by integer indices of any shape -> indices.shape + (dim,).
 
-    def __init__(self, num_embeddings: int, dim: int, rng=None):
+    The table starts as N(0, std^2) (std=1 by default, as PyTorch's); its gradient is a scatter-add of
+    the output gradient rows (ops.embedding)."""
+
+    def __init__(self, num_embeddings: int, dim: int, rng=None, std: float = 1.0):
         _check_positive(num_embeddings=num_embeddings, dim=dim)
-        self.weight = Parameter((rng or _default_rng).standard_normal((num_embeddings, dim), dtype=np.float32))
+        table = (rng or _default_rng).standard_normal((num_embeddings, dim), dtype=np.float32)
+        if std != 1.0:
+            table *= np.float32(std)
+        self.weight = Parameter(table)
 
     def forward(self, indices):
-        indices = np.asarray(indices.data if isinstance(indices, Tensor) else indices)
-        if indices.dtype.kind not in "iu":
-            raise ValueError(f"Embedding: indices must be integers, got dtype {indices.dtype}")
-        if indices.size and (indices.min() < 0 or indices.max() >= self.weight.shape[0]):
-            raise ValueError(f"Embedding: index out of range 0..{self.weight.shape[0] - 1}")
-        return ops.getitem(self.weight, indices)
+        return ops.embedding(self.weight, indices)
 
 
 # -------------------------------------------------------------------------------------------- losses

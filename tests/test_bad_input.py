@@ -200,7 +200,7 @@ CASES = [
     ("wrong type in the file", [], ["config.toml: config key training.batch_size = '32'", "expected an integer"],
      {"config_extra": '\n[training]\nbatch_size = "32"\n', "drop_section": "training"}),
     ("model name that is neither built in nor module:callable", ['model.name="Mlp"'],
-     ["model.name = 'Mlp' is not allowed", "one of 'mlp', 'cnn', or 'module:callable'"], {}),
+     ["model.name = 'Mlp' is not allowed", "one of 'mlp', 'cnn', 'gpt', or 'module:callable'"], {}),
     ("model input size that does not match the data", ['model.name="faults_models:fixed"',
                                                        "model.options={inputs=5}"],
      ["the model does not accept the data", f"samples of shape ({FEATURES},)"], {}),

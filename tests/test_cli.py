@@ -195,7 +195,7 @@ def test_set_overrides_the_file_and_the_result_is_validated(tmp_path):
     ("optimizer.lr=0", "optimizer.lr = 0.0 is not allowed: expected a number > 0.0"),
     ("training.lr=0.1", "--set training.lr=0.1: unknown key 'training.lr' (did you mean optimizer.lr?)"),
     ("optimizer.epochs=2", "unknown key 'optimizer.epochs' (did you mean training.epochs?)"),
-    ("model.name=Mlp", "model.name = 'Mlp' is not allowed: expected one of 'mlp', 'cnn', or 'module:callable'"),
+    ("model.name=Mlp", "model.name = 'Mlp' is not allowed: expected one of 'mlp', 'cnn', 'gpt', or 'module:callable'"),
 ])
 def test_a_bad_set_names_the_key_the_value_and_what_is_allowed(tmp_path, override, message):
     (tmp_path / "run.toml").write_text(CONFIG)

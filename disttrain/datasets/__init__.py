@@ -1,9 +1,9 @@
 """Data sets named by the [data] config section: bundled digits, MNIST-format IDX files, .npy/.npz
-arrays given by path, and a synthetic generator.
+arrays given by path, a synthetic generator, and byte-level text (text.py).
 
-`load_data(section, comm)` returns (train, test, info), where train and test are ArrayDatasets and
-info is {"input_shape": shape of one sample, "classes": number of classes or outputs, "task":
-"classification" | "regression", "description": one line}. Class labels are integers of shape (n,),
+`load_data(section, comm)` returns (train, test, info), where train and test are ArrayDatasets (text:
+TextWindows) and info is {"input_shape": shape of one sample, "classes": number of classes or outputs,
+"task": "classification" | "regression" | "language_model", "description": one line}. Class labels are integers of shape (n,),
 regression targets float32 of shape (n, outputs). Every check here raises DataError with the file and
 the problem, identically on every rank: each rank loads the same metadata and labels, and a scan of
 the features that each rank makes over its own rows only ends in an agreed result.
@@ -20,15 +20,17 @@ class DataError(ValueError):
     """A data set that cannot be used: missing file, wrong format, bad values or shapes."""
 
 
-def load_data(section: dict, comm=None):
+def load_data(section: dict, comm=None, block_size: int = 128):
     """(train, test, info) for the validated [data] config section.
 
     With `comm` this is COLLECTIVE (every rank calls it): each rank scans only its share of a
     memory-mapped file for NaN/inf and the ranks agree on the result. Without, one process checks all.
+    `block_size` is the window length of the text data set (the model's block_size); others ignore it.
     """
-    from . import arrays, digits, idx, synthetic
+    from . import arrays, digits, idx, synthetic, text
 
-    loaders = {"digits": digits.load, "idx": idx.load, "npy": arrays.load, "synthetic": synthetic.load}
+    loaders = {"digits": digits.load, "idx": idx.load, "npy": arrays.load, "synthetic": synthetic.load,
+               "text": lambda section, comm: text.load(section, comm, block_size)}
     train, test, info = loaders[section["name"]](section, comm)
     for dataset in (train, test):
         if len(dataset) == 0:
