@@ -31,6 +31,7 @@ EPILOG = """examples:
   disttrain eval runs/digits-mlp                                test metrics of the latest checkpoint
   disttrain plot runs/digits-mlp                                PNG of loss/accuracy against steps
   disttrain export runs/digits-mlp model.npz                    parameters as a plain .npz
+  disttrain sample runs/gpt-stdlib --prompt "def " --tokens 200  text from a GPT run's latest checkpoint
   disttrain config                                              every config key, default and rule
 """
 
@@ -109,6 +110,17 @@ def _parser() -> argparse.ArgumentParser:
     plot.add_argument("path", help="run directory (metrics.jsonl) or a benchmark JSON file")
     plot.add_argument("-o", "--output", help="PNG path (default: next to the input)")
     plot.set_defaults(run=_plot)
+
+    sample = commands.add_parser("sample", help="generate text from the latest checkpoint of a GPT run")
+    sample.add_argument("path", help="run directory, checkpoint directory, or one step-XXXXXXXX checkpoint")
+    sample.add_argument("--prompt", default="\n", help="text to continue (default: a newline)")
+    sample.add_argument("--tokens", type=_positive_int, default=200, help="bytes to generate (default 200)")
+    sample.add_argument("--temperature", type=_positive_float, default=0.8,
+                        help="softmax temperature, > 0 (default 0.8; lower is more conservative)")
+    sample.add_argument("--top-k", type=_non_negative_int, default=40,
+                        help="sample among the k most likely bytes only (0: all; default 40)")
+    sample.add_argument("--seed", type=_non_negative_int, default=0, help="random seed: the same seed, the same text")
+    sample.set_defaults(run=_sample)
 
     export = commands.add_parser("export", help="write the latest checkpoint's parameters as a plain .npz")
     export.add_argument("path", help="run directory, checkpoint directory, or one checkpoint")
@@ -280,6 +292,42 @@ def _eval(args) -> int:
             print(f"{path}: step {manifest['step']}, " + ", ".join(f"{k} {v:.4f}" for k, v in result.items()))
         return 0
     return _guarded(command)
+
+
+def _positive_int(text: str) -> int:
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be a positive integer, got {text}")
+    return value
+
+
+def _non_negative_int(text: str) -> int:
+    value = int(text)
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"must be an integer >= 0, got {text}")
+    return value
+
+
+def _positive_float(text: str) -> float:
+    value = float(text)
+    if not value > 0 or value == float("inf"):
+        raise argparse.ArgumentTypeError(f"must be a number > 0, got {text}")
+    return value
+
+
+def _sample(args) -> int:
+    """Print generated text on rank 0 of a launched job only (serial: MPI is never initialised here)."""
+    from .checkpoint import CheckpointError
+    from .config import ConfigError
+    from .generate import sample_command
+
+    if launcher_rank() != 0:
+        return 0
+    try:
+        sample_command(args.path, args.prompt, args.tokens, args.temperature, args.top_k, args.seed)
+    except (CheckpointError, ConfigError, ValueError, OSError) as error:
+        return _fail(None, error)
+    return 0
 
 
 def _export(args) -> int:

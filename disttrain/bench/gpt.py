@@ -28,7 +28,8 @@ import time
 
 import numpy as np
 
-from .runner import available_cores, child_environment, free_port, source_version
+from ..threads import cores_available
+from .runner import child_environment, free_port, source_version
 from .torch_ddp import torch_available
 
 TARGETS = {"one_process": 0.8, "ranks": 1.2, "validation_loss": 0.02}
@@ -110,7 +111,7 @@ def ratios(tokens: dict, ranks: int, sides: list) -> dict | None:
 
 def main(argv=None) -> int:
     args = parse_args(argv)
-    cores = args.cores or available_cores()
+    cores = args.cores or cores_available()
     sides = ["disttrain"] + (["torch-fused", "torch-written"] if torch_available() else [])
     if len(sides) == 1:
         print("torch not installed (make bench-deps): disttrain alone, no ratios", file=sys.stderr)

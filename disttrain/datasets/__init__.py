@@ -43,6 +43,8 @@ def load_data(section: dict, comm=None, block_size: int = 128):
 def outputs_summary(info: dict, section: dict, train) -> str:
     """What the model must output, in words: "10 classes from labels 0..9" (inferred), "12 classes
     (data.classes; labels 0..9 seen)" or "1 regression output"."""
+    if info["task"] == "language_model":
+        return f"next-token prediction over {info['classes']} byte values"
     if info["task"] == "regression":
         return f"{info['classes']} regression output{'s' if info['classes'] != 1 else ''}"
     labels = np.asarray(train.labels if train.rows is None else train.labels[train.rows])

@@ -39,6 +39,8 @@ class TextWindows:
     y = tokens[s + 1:s + T + 1] (the next byte of each position), s = i * stride, T = block_size.
     Indexing with an array of sample indices gives int64 arrays (n, T); only those windows are read."""
 
+    task = "language_model"
+
     def __init__(self, tokens: np.ndarray, block_size: int, stride: int = 1, count: int | None = None,
                  name: str = "text"):
         if len(tokens) < block_size + 1:

@@ -26,9 +26,9 @@ def build_run(config: dict, comm):
     from .. import models
     from ..datasets import load_data
 
-    train, test, info = load_data(config["data"], comm)
+    train, test, info = load_data(config["data"], comm, block_size=config["model"]["block_size"])
     nn.manual_seed(config["training"]["seed"])
-    loss_fn = nn.SoftmaxLoss() if info["task"] == "classification" else nn.MSELoss()
+    loss_fn = task_loss(info["task"])
     try:
         model = models.build_model(config["model"], info["input_shape"], info["classes"])
         check_model_fits(model, train, info, loss_fn)
@@ -37,6 +37,13 @@ def build_run(config: dict, comm):
     except ValueError as error:  # from the same config and data on every rank: an agreed error
         raise ConfigError(str(error)) from None
     return model, train, test, loss_fn, info
+
+
+def task_loss(task: str):
+    """The loss of a task: softmax cross-entropy for "classification" (logits (batch, classes)) and
+    "language_model" (logits (batch, time, vocab) against the next token of each position), mean
+    squared error for "regression"."""
+    return nn.SoftmaxLoss() if task in ("classification", "language_model") else nn.MSELoss()
 
 
 def check_model_fits(model, dataset, info: dict, loss_fn=None) -> None:
@@ -64,8 +71,11 @@ def check_model_fits(model, dataset, info: dict, loss_fn=None) -> None:
                          f"(labels go up to {info['classes'] - 1}); expected (batch, {info['classes']}){extra}")
     if info["task"] == "regression" and output.shape != expected:
         raise ValueError(f"the model outputs shape {output.shape}, the targets need {expected}")
+    if info["task"] == "language_model" and output.shape != (*labels.shape, info["classes"]):
+        raise ValueError(f"the model outputs shape {output.shape}; next-token prediction over windows of "
+                         f"{labels.shape[1:]} needs {(*labels.shape, info['classes'])} (vocabulary {info['classes']})")
     if loss_fn is None:
-        loss_fn = nn.SoftmaxLoss() if info["task"] == "classification" else nn.MSELoss()
+        loss_fn = task_loss(info["task"])
     try:
         with no_grad():
             loss_fn(output, labels)
@@ -78,7 +88,8 @@ def check_model_fits(model, dataset, info: dict, loss_fn=None) -> None:
 class RunParts:
     """What trains a model: `comm` (the world's communicator), `topology` (nodes, ranks
     per node), `threads` and `threads_reason`, the DataParallel `ddp`, the ShardedOptimizer
-    `optimizer`, the `scheduler`, the `sampler`, `steps_per_epoch` and `total_steps`."""
+    `optimizer`, the `scheduler`, the `sampler` (a DistributedSampler, or the data set's own, such as
+    the text windows' RandomSampler: the same interface), `steps_per_epoch` and `total_steps`."""
 
     comm: object
     topology: dict
@@ -87,7 +98,7 @@ class RunParts:
     ddp: DataParallel
     optimizer: ShardedOptimizer
     scheduler: object
-    sampler: DistributedSampler
+    sampler: object
     steps_per_epoch: int
     total_steps: int
 
@@ -112,8 +123,11 @@ def build_parts(model, train_data, comm, opt_cfg: dict, train_cfg: dict) -> RunP
     optimizer = ShardedOptimizer(OPTIMIZERS[opt_cfg["name"]], ddp.parameters(), comm, shard=opt_cfg["sharded"],
                                  data_parallel=ddp, lazy_gather=ddp.overlap, **hyperparameters(opt_cfg))
     nn.set_default_rng(np.random.default_rng((train_cfg["seed"], comm.rank)))
-    sampler = DistributedSampler(len(train_data), comm.size, comm.rank, shuffle=train_cfg["shuffle"],
-                                 seed=train_cfg["seed"])
+    if hasattr(train_data, "sampler"):  # a data set with its own way of drawing samples (text windows)
+        sampler = train_data.sampler(comm.size, comm.rank, seed=train_cfg["seed"])
+    else:
+        sampler = DistributedSampler(len(train_data), comm.size, comm.rank, shuffle=train_cfg["shuffle"],
+                                     seed=train_cfg["seed"])
     steps_per_epoch = -(-sampler.num_batches(train_cfg["batch_size"]) // train_cfg["accumulate"])
     total_steps = train_cfg["epochs"] * steps_per_epoch
     if train_cfg["max_steps"]:

@@ -357,5 +357,9 @@ def fit(model, train_data, loss_fn, test_data=None, **settings) -> dict:
 
 
 def _guess_task(dataset) -> str:
+    """The data set's own `task` if it names one (text windows: "language_model"), else "regression"
+    for float labels and "classification" otherwise."""
+    if getattr(dataset, "task", None):
+        return dataset.task
     labels = getattr(dataset, "labels", None)
     return "regression" if labels is not None and np.asarray(labels[:1]).dtype.kind == "f" else "classification"
