@@ -170,6 +170,15 @@ def epoch_summary(epoch: int, epochs: int, train_loss: float, step: int, samples
     return record, text
 
 
+def eval_line(result: dict) -> str:
+    """The console line of an evaluation taken between epochs (training.eval_every): its step, test loss
+    and, for classifiers, accuracy."""
+    text = f"eval at step {result['step']}  test_loss {result['test_loss']:.4f}"
+    if "test_accuracy" in result:
+        text += f"  test_acc {result['test_accuracy']:.4f}"
+    return text
+
+
 def _finite_or_null(value):
     """`value` with every non-finite float (nested in dicts and lists too) replaced by None."""
     if isinstance(value, float):

@@ -29,25 +29,27 @@ def _records(run_dir, kind) -> list:
         return [r for r in map(json.loads, handle) if r["kind"] == kind]
 
 
-def _train(tmp_path, name, ranks):
+def _train(tmp_path, name, ranks, *extra):
     run_dir = tmp_path / name
-    launch.disttrain("train", EXAMPLE, *TINY, "--set", f'data.path="{_corpus(tmp_path)}"', "--run-dir", run_dir,
-                     ranks=ranks, timeout=240)
-    return run_dir
+    result = launch.disttrain("train", EXAMPLE, *TINY, "--set", f'data.path="{_corpus(tmp_path)}"', "--run-dir",
+                              run_dir, *extra, ranks=ranks, timeout=240)
+    return run_dir, result.stdout
 
 
 def test_two_ranks_train_the_gpt_like_one_process_and_log_validation_loss(tmp_path):
-    one, two = _train(tmp_path, "one", 0), _train(tmp_path, "two", 2)
+    (one, console), (two, _) = _train(tmp_path, "one", 0, "--set", 'training.progress="lines"'), _train(tmp_path, "two", 2)
     losses = [[r["loss"] for r in _records(run, "train")] for run in (one, two)]
     assert len(losses[0]) == 6 and losses[0][-1] < losses[0][0]
     np.testing.assert_allclose(losses[1], losses[0], rtol=1e-5)
     evals = [[r["test_loss"] for r in _records(run, "eval")] for run in (one, two)]
     assert [r["step"] for r in _records(one, "eval")] == [3, 6]
     np.testing.assert_allclose(evals[1], evals[0], rtol=1e-5)
+    # the validation loss is on the console too, as it is taken
+    assert f"eval at step 3  test_loss {evals[0][0]:.4f}" in console
 
 
 def test_sample_prints_the_prompt_and_a_seeded_continuation(tmp_path):
-    run_dir = _train(tmp_path, "run", 0)
+    run_dir, _ = _train(tmp_path, "run", 0)
     argv = ("sample", run_dir, "--prompt", "def ", "--tokens", "40", "--temperature", "0.8", "--top-k", "40")
     first = launch.disttrain(*argv, "--seed", "3").stdout
     again = launch.disttrain(*argv, "--seed", "3").stdout

@@ -25,7 +25,7 @@ from .. import config as config_module
 from ..distributed import init
 from ..distributed.watchdog import Watchdog
 from ..faults import Faults
-from ..progress import Progress, epoch_summary, run_banner, step_record
+from ..progress import Progress, epoch_summary, eval_line, run_banner, step_record
 from ..tensor import Tensor
 from . import agreement, evaluation, persistence, run_lock, signals
 from .build import build_parts
@@ -116,6 +116,8 @@ class Trainer:
                         self._save()
                     if self.train_cfg["eval_every"] and self.state.step % self.train_cfg["eval_every"] == 0:
                         self._evaluate_and_log()
+                        if self.last_eval.get("step") == self.state.step:
+                            self.progress.line(eval_line(self.last_eval))
                     if self.state.step >= self.total_steps:
                         break
                 if stop is None and self._epoch_complete():
