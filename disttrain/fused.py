@@ -13,9 +13,9 @@ round `1 - beta1` differently.
 
 from __future__ import annotations
 
-import os
-
 import numpy as np
+
+from .ops import jit
 
 CHUNK_ELEMENTS = 32768  # 128 KiB of float32: measured fastest for the chunked numpy path
 # Below this many elements (half a chunk) numpy's per-call cost is small next to numba's import
@@ -114,12 +114,7 @@ def _chunks(p):
 def _numba_kernels():
     global _kernels
     if _kernels is None:
-        _kernels = False
-        if os.environ.get("DISTTRAIN_NUMBA", "1") != "0":
-            try:
-                _kernels = _compile()
-            except ImportError:
-                _kernels = False
+        _kernels = jit.compiled(_compile)
     return _kernels
 
 

@@ -17,9 +17,9 @@ that a NaN's payload may differ (it stays a NaN). Every function takes 1-D C-con
 
 from __future__ import annotations
 
-import os
-
 import numpy as np
+
+from ..ops import jit
 
 FORMATS = ("bf16", "fp16")
 FP16_TOP_EXPONENT = 15  # a block's largest magnitude is scaled into [2**14, 2**15), below 65504
@@ -101,12 +101,7 @@ def bf16_bits(x: np.ndarray) -> np.ndarray:
 def _numba_kernels():
     global _kernels
     if _kernels is None:
-        _kernels = False
-        if os.environ.get("DISTTRAIN_NUMBA", "1") != "0":
-            try:
-                _kernels = _compile()
-            except ImportError:
-                _kernels = False
+        _kernels = jit.compiled(_compile)
     return _kernels
 
 

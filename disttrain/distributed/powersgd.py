@@ -29,10 +29,11 @@ regardless, because each chunk's update is computed by its owner alone.
 
 from __future__ import annotations
 
-import os
 import zlib
 
 import numpy as np
+
+from ..ops import jit
 
 DEPENDENT = 1e-3  # a row of P that projection onto the rows before it shrinks below this is dependent
 
@@ -222,12 +223,7 @@ def _outer_sum(p_rows: np.ndarray, q: np.ndarray) -> np.ndarray:
 def _numba_kernel():
     global _kernels
     if _kernels is None:
-        _kernels = False
-        if os.environ.get("DISTTRAIN_NUMBA", "1") != "0":
-            try:
-                _kernels = _compile()
-            except ImportError:
-                _kernels = False
+        _kernels = jit.compiled(_compile)
     return _kernels
 
 

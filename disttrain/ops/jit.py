@@ -40,6 +40,13 @@ def numba_module():
     return _numba or None
 
 
+def compiled(compile_kernels):
+    """`compile_kernels()` (a function that imports numba and returns its kernels) when numba is
+    installed and not disabled by DISTTRAIN_NUMBA=0, else False. For modules that cache their kernels
+    in a module global: None there means "not tried yet", False "numpy path"."""
+    return compile_kernels() if numba_module() is not None else False
+
+
 def kernels(factory):
     """Decorator: `factory(numba)` builds a kernel namespace; returns a getter that builds it once
     (compiling lazily per dtype) and returns it, or None without numba."""

@@ -15,9 +15,9 @@ threads measured no faster; they run on the calling thread (BLAS threads do the 
 
 from __future__ import annotations
 
-import os
-
 import numpy as np
+
+from . import jit
 
 # Below this many elements the numpy path's per-call cost is small and a process that trains only
 # tiny models never imports numba; both paths give the same bits, so switching per call is safe.
@@ -145,12 +145,7 @@ def _kernels_for(elements: int):
     if elements < NUMBA_MIN_ELEMENTS:
         return False
     if _kernels is None:
-        _kernels = False
-        if os.environ.get("DISTTRAIN_NUMBA", "1") != "0":
-            try:
-                _kernels = _compile()
-            except ImportError:
-                _kernels = False
+        _kernels = jit.compiled(_compile)
     return _kernels
 
 
