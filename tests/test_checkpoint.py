@@ -265,6 +265,16 @@ def test_a_failed_save_publishes_nothing_and_latest_keeps_naming_the_last_comple
     assert not [name for name in os.listdir(tmp_path) if name.startswith(".partial-")]
 
 
+def test_a_failed_save_leaves_no_partial_directory_behind(tmp_path):
+    ddp, opt, comm = make_run()
+    train(ddp, opt, 1)
+
+    def disk_full(point):
+        raise OSError(28, "No space left on device")
+    with pytest.raises(ckpt.CheckpointError, match="No space left on device"):
+        ckpt.save(str(tmp_path), 1, ddp, opt, comm, fault=disk_full)
+    assert not [name for name in os.listdir(tmp_path) if name.startswith(".partial-")]  # its space is given back
+
 def test_partial_and_manifestless_directories_are_never_loaded(tmp_path):
     ddp, opt, comm = make_run()
     train(ddp, opt, 2)

@@ -139,3 +139,96 @@ def test_lazy_parameter_gathering_gives_the_same_bits_and_losses(comm):
     eager, eager_losses = _lazy_run(comm, lazy=False)
     lazy, lazy_losses = _lazy_run(comm, lazy=True)
     assert np.array_equal(eager, lazy) and eager_losses == lazy_losses
+
+
+class ThreeLayers(dt.nn.Module):
+    """A chain of three layers over four small buckets; the middle layer's one parameter starts in the
+    first bucket and reaches into the third."""
+
+    def __init__(self):
+        self.first, self.middle, self.last = dt.nn.Linear(9, 40), dt.nn.Linear(40, 30, bias=False), dt.nn.Linear(30, 5)
+
+    def forward(self, x):
+        return self.last(self.middle(self.first(x).tanh()).tanh())
+
+
+def test_buckets_are_combined_from_the_last_to_the_first_each_once(comm):
+    # the order backward completes them in (last layer first); every rank keeps the same order
+    dt.manual_seed(6)
+    ddp = DataParallel(ThreeLayers(), comm, bucket_mb=SMALL_BUCKET_MB)
+    ShardedOptimizer(Adam, ddp.parameters(), comm, lr=0.01)
+    assert ddp.overlap and len(ddp.layout.buckets) >= 4
+    combined, reduce = [], ddp.buckets.reduce
+    ddp.buckets.reduce = lambda bucket: (combined.append(bucket), reduce(bucket))
+    for _ in range(2):
+        combined.clear()
+        dt.nn.SoftmaxLoss()(ddp(dt.Tensor(np.ones((4, 9), np.float32))), np.zeros(4, np.int64)).backward()
+        ddp.sync_gradients()
+        ddp.new_step()
+        assert combined == sorted(range(len(ddp.layout.buckets)), reverse=True), combined
+
+
+def test_a_lazy_forward_waits_for_every_bucket_a_layers_parameters_lie_in(comm):
+    # not only for the one a parameter starts in (the middle layer's weight spans three)
+    import time
+
+    dt.manual_seed(8)
+    ddp = DataParallel(ThreeLayers(), comm, bucket_mb=SMALL_BUCKET_MB)
+    opt = ShardedOptimizer(SGD, ddp.parameters(), comm, lr=0.5, lazy_gather=True)
+    lo, hi = [(offset, offset + int(np.prod(shape))) for name, offset, shape in ddp.layout.entries
+              if name == "middle.weight"][0]
+    spanned = [b for b, (a, z) in enumerate(ddp.layout.buckets) if a < hi and lo < z]
+    assert len(spanned) >= 3 and ddp.layout.buckets[spanned[0]][0] <= lo  # the case under test
+    allgather = ddp.bucket_comm.allgather
+
+    def slow_allgather(buffer):  # a slow link: each bucket's parameters arrive late
+        time.sleep(0.3)
+        return allgather(buffer)
+    ddp.bucket_comm.allgather = slow_allgather
+    rng = np.random.default_rng(1)
+    x = rng.standard_normal((6, 9)).astype(np.float32)
+    start, stop = split_evenly(len(x), comm.size, comm.rank)
+    loss = dt.nn.SoftmaxLoss()(ddp(dt.Tensor(x[start:stop])), np.arange(start, stop) % 5)
+    loss.backward(np.float32((stop - start) / len(x)))
+    opt.step()
+    assert ddp.gathering.pending  # the allgathers are still on their way
+    with dt.no_grad():
+        during = ddp(dt.Tensor(x)).data.copy()
+    ddp.wait_for_parameters()
+    with dt.no_grad():
+        after = ddp(dt.Tensor(x)).data
+    assert np.array_equal(during, after)
+
+
+class ScaledOutput(dt.nn.Module):
+    """ThreeLayers times a learned scale per class. The engine adds up the scale's gradient itself and
+    writes it into the scale's bucket only when backward reaches the scale, after every other parameter."""
+
+    def __init__(self):
+        self.body = ThreeLayers()
+        self.scale = dt.nn.Parameter(np.linspace(0.5, 1.5, 5).astype(np.float32))
+
+    def forward(self, x):
+        return self.body(x) * self.scale
+
+
+def _slow_backward_gradients(comm, overlap):
+    import time
+
+    dt.manual_seed(10)
+    ddp = DataParallel(ScaledOutput(), comm, bucket_mb=SMALL_BUCKET_MB, overlap=overlap)
+    for slot in ddp.flat.slots:
+        def then_pause(index, listener=slot.listener):  # backward takes its time between gradients
+            listener(index)
+            time.sleep(0.1)
+        slot.listener = then_pause
+    rng = np.random.default_rng(comm.rank)  # each rank its own data: combining is visible
+    x = rng.standard_normal((5, 9)).astype(np.float32)
+    dt.nn.SoftmaxLoss()(ddp(dt.Tensor(x)), np.arange(5)).backward()
+    ddp.sync_gradients()
+    return ddp.flat.flat_grads.copy()
+
+
+def test_a_bucket_is_combined_only_after_its_last_gradient_however_slow_backward_is(comm):
+    overlapped = _slow_backward_gradients(comm, overlap=True)
+    assert np.array_equal(overlapped, _slow_backward_gradients(comm, overlap=False))

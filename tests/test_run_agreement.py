@@ -95,6 +95,8 @@ def test_ranks_that_agree_train_as_before(tmp_path):
            "started with the same config, data and arguments"),
     ("data", "data differs across ranks: training samples is 64 on rank 0 and 63 on rank 1. Every rank must be "
              "started with the same config, data and arguments"),
+    ("test", "data differs across ranks: test samples is 32 on rank 0 and 31 on rank 1. Every rank must be "
+             "started with the same config, data and arguments"),
 ])
 def test_the_python_api_trainer_checks_the_same_on_every_rank(tmp_path, case, expected):
     launch.mpirun(2, [os.path.join(WORKERS, "agreement_api.py"), tmp_path, case], timeout=90, MPIEXEC_TIMEOUT=70)

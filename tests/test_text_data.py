@@ -137,6 +137,13 @@ def test_n_ranks_draw_exactly_the_global_batches_of_one_process(ranks):
         assert max(sizes) - min(sizes) <= 1
 
 
+def test_an_epochs_batches_are_its_draws_in_order_whatever_the_batch_size():
+    whole = list(RandomSampler(1000, 1, 0, seed=5, samples_per_epoch=50))  # the epoch as one batch
+    assert len(set(whole)) > 1
+    for batch in (1, 8, 13):
+        batches = _epoch(RandomSampler(1000, 1, 0, seed=5, samples_per_epoch=50), batch)
+        assert sum((indices for indices, _ in batches), []) == whole
+
 def test_draws_are_uniform_seeded_and_differ_between_epochs_and_seeds():
     sampler = RandomSampler(10, seed=0, samples_per_epoch=100_000)
     counts = np.bincount(sampler.draws(0, 100_000), minlength=10)

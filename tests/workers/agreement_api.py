@@ -3,6 +3,7 @@
 argv: OUT_DIR CASE, CASE one of
   lr      rank 1 passes another learning rate
   data    rank 1 has one training sample fewer
+  test    rank 1 has one test sample fewer
   equal   every rank the same: count the collectives check_agreement runs
 Each rank writes OUT_DIR/rank-R.txt: the error text, or "trained" / "allreduce A, objects O".
 """
@@ -23,6 +24,7 @@ comm = init()
 rng = np.random.default_rng(0)
 x, y = rng.standard_normal((64, 5)).astype(np.float32), rng.integers(0, 3, 64)
 rows = 63 if case == "data" and comm.rank == 1 else 64
+test_rows = 31 if case == "test" and comm.rank == 1 else 32
 lr = 0.02 if case == "lr" and comm.rank == 1 else 0.01
 
 
@@ -41,7 +43,8 @@ def outcome() -> str:
     dt.manual_seed(0)
     model = dt.nn.Sequential(dt.nn.Linear(5, 3))
     try:
-        Trainer(model, ArrayDataset(x[:rows], y[:rows]), dt.nn.SoftmaxLoss(), comm=comm,
+        Trainer(model, ArrayDataset(x[:rows], y[:rows]), dt.nn.SoftmaxLoss(), ArrayDataset(x[:test_rows], y[:test_rows]),
+                comm=comm,
                 optimizer={"lr": lr}, training={"epochs": 1, "batch_size": 16, "progress": "none",
                                                 "run_dir": os.path.join(out_dir, "run")},
                 checkpoint={"every_epochs": 0}).fit()
