@@ -252,22 +252,28 @@ def queue_callback(callback) -> None:
 
 
 def _reverse_topological(root: Tensor) -> list:
-    """Every tensor that requires grad and leads to `root`, outputs before their inputs."""
-    order, visited = [], set()
-    stack = [(root, False)]
+    """Every tensor that requires grad and leads to `root`, each after every tensor computed from it
+    (outputs before their inputs), and as early as that allows: a leaf comes right after its last
+    consumer. So a parameter's gradient is complete, and its GradSlot says so, as soon as the ops that
+    read it have run backward, while backward goes on through the earlier layers; gradient buckets
+    are then combined during backward, not after it. (Kahn's algorithm, depth first.)"""
+    consumers, stack, seen = {}, [root], {id(root)}
     while stack:
-        node, expanded = stack.pop()
-        if expanded:
-            order.append(node)
-            continue
-        if id(node) in visited:
-            continue
-        visited.add(id(node))
-        stack.append((node, True))
+        for parent in stack.pop()._parents:
+            if parent.requires_grad:
+                consumers[id(parent)] = consumers.get(id(parent), 0) + 1
+                if id(parent) not in seen:
+                    seen.add(id(parent))
+                    stack.append(parent)
+    order, ready = [], [root]
+    while ready:
+        node = ready.pop()
+        order.append(node)
         for parent in node._parents:
-            if parent.requires_grad and id(parent) not in visited:
-                stack.append((parent, False))
-    order.reverse()
+            if parent.requires_grad:
+                consumers[id(parent)] -= 1
+                if consumers[id(parent)] == 0:
+                    ready.append(parent)
     return order
 
 

@@ -168,6 +168,28 @@ def test_buckets_are_combined_from_the_last_to_the_first_each_once(comm):
         assert combined == sorted(range(len(ddp.layout.buckets)), reverse=True), combined
 
 
+def test_the_last_layers_buckets_are_launched_while_backward_still_computes_the_first_layer(comm):
+    # a parameter's gradient is complete once the ops that read it have run backward: the last layer's
+    # buckets go out before backward reaches the first layer, not all together after backward
+    dt.manual_seed(6)
+    ddp = DataParallel(ThreeLayers(), comm, bucket_mb=SMALL_BUCKET_MB)
+    ShardedOptimizer(Adam, ddp.parameters(), comm, lr=0.01)
+    first_weight = next(i for i, p in enumerate(ddp.parameters()) if p is ddp.module.first.weight)
+    launched_when_ready, param_ready = {}, ddp.buckets.param_ready
+
+    def recording(index):
+        launched_when_ready.setdefault(index, ddp.buckets.launched)
+        param_ready(index)
+    for slot in ddp.flat.slots:
+        slot.listener = recording
+    dt.nn.SoftmaxLoss()(ddp(dt.Tensor(np.ones((4, 9), np.float32))), np.zeros(4, np.int64)).backward()
+    ddp.sync_gradients()
+    assert len(launched_when_ready) == len(ddp.parameters())
+    assert launched_when_ready[first_weight] >= 1, launched_when_ready
+    # and the first layer's parameters are the last to be complete
+    assert max(launched_when_ready.values()) == launched_when_ready[first_weight]
+
+
 def test_a_lazy_forward_waits_for_every_bucket_a_layers_parameters_lie_in(comm):
     # not only for the one a parameter starts in (the middle layer's weight spans three)
     import time
