@@ -173,12 +173,28 @@ def run_system(hosts, system, config: tuple, args, port: int) -> dict:
     after = hosts.bytes_crossed()
     record["elapsed_s"] = job.elapsed
     record["job_bytes"] = [{"sent": a.tx - b.tx, "received": a.rx - b.rx} for a, b in zip(after, before)][:n_hosts]
-    lines = [json.loads(line) for line in job.stdout.splitlines() if line.startswith("{")]
+    lines = json_records(job.stdout)
     done = [line for line in lines if line.get("status") in ("ok", "unavailable")]
     if job.returncode == 0 and done:
         return {**record, **done[0]}
     hosts.reap()
     return {**record, "status": "crashed", "reason": crash_reason(job.stdout, job.stderr, job.returncode)}
+
+
+def json_records(text: str) -> list:
+    """Every JSON object in a job's output. Ranks print one a line, but two ranks' lines can arrive
+    interleaved on one line (a crashing job's), so objects are read one after another from each line
+    that starts with one, and whatever is not JSON is left to crash_reason."""
+    decoder, records = json.JSONDecoder(), []
+    for line in text.splitlines():
+        position = 0
+        while line.startswith("{", position):
+            try:
+                record, position = decoder.raw_decode(line, position)
+            except json.JSONDecodeError:
+                break
+            records.append(record)
+    return records
 
 
 def measure_collectives(hosts, config: tuple, workdir: str) -> dict:
