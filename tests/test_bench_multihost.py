@@ -149,6 +149,13 @@ def test_a_crash_reports_the_abort_message_or_where_the_ranks_hung():
     assert "graph.py:979 _engine_run_backward" in reason and "worker.py" not in reason
 
 
+def test_records_of_two_ranks_printed_on_one_line_are_both_read():
+    out = ('noise\n{"status": "crashed", "rank": 1}{"status": "ok", "rank": 0, "step_ms": 80}\n'
+           '{"status": "ok", "rank": 1} trailing text\n{"cut off": \n')
+    assert driver.json_records(out) == [{"status": "crashed", "rank": 1}, {"status": "ok", "rank": 0, "step_ms": 80},
+                                        {"status": "ok", "rank": 1}]
+
+
 FITS = {"reduce_scatter": {"A": 0.001, "B": 1e-8}, "allgather": {"A": 0.001, "B": 1e-8},
         "allreduce": {"A": 0.0005, "B": 2e-8}}
 MLP = [802816, 1024, 1048576, 1024, 10240, 10]  # 784-1024-1024-10, flat order
