@@ -340,7 +340,7 @@ def format_table(summary: dict) -> str:
             per_round = ",".join(f"{v:.2f}" for v in row["throughput_ratio_per_round"])
             target = "" if row["target"] is None else (f">={row['target']:.2f}" + (" ok" if row["meets_target"] else " NO"))
             opt = "" if row["optimizer_time_ratio"] is None else f"{row['optimizer_time_ratio']:.2f}"
-            lines.append(f"{row['name']:<46}{row['throughput_ratio']:>8.3f}{per_round:>22}"
+            lines.append(f"{row['name']:<46}{row['throughput_ratio']:>8.3f}  {per_round:>20}"
                          f"{row['throughput_ratio_p90']:>7.3f}{target:>11}{opt:>16}")
         lines.append("(median: of all measured steps; per round: each round's medians, paired; p90: the upper decile "
                      "of per-step samples/s, the least disturbed steps)")
