@@ -100,8 +100,12 @@ def test_a_second_ctrl_c_ends_the_job_at_once_without_a_checkpoint(tmp_path, lau
 def test_a_second_ctrl_c_to_mpiexec_ends_the_job_at_once(tmp_path):
     # hydra forwards the first Ctrl-C to the ranks and answers the second by killing them itself
     outcome = run_case("mpiexec", "INT-twice", 2, tmp_path, start_step=1, DISTTRAIN_FAULT="sleep:0:*:5")
-    assert outcome.exit_code != 0 and outcome.seconds < 4, outcome.summary()
-    assert outcome.checkpoint_step is None
+    assert outcome.seconds is not None and outcome.seconds < 4, outcome.summary()
+    assert outcome.checkpoint_step is None and not outcome.leftovers
+    # hydra's exit code is 255, except (about 1 run in 6 on a busy machine) when its proxy trips over its
+    # own cleanup, asserting, and mpiexec exits 0: hydra's race, not one disttrain can change
+    hydra_race = "HYD_pmcd_pmip_control_cmd_cb" in outcome.stderr and "assert (!closed) failed" in outcome.stderr
+    assert outcome.exit_code != 0 or hydra_race, outcome.summary()
 
 
 # ------------------------------------------------------------------------------- progress display
